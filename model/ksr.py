@@ -1,0 +1,304 @@
+"""KSR: a GRU over the item sequence plus a key-value memory of attribute-level preference.
+
+Huang, Zhao, Dou, Wen, Chang (SIGIR 2018), "Improving Sequential Recommendation with
+Knowledge-Enhanced Memory Networks". The equations are those of DESIGN.md ("The model, exactly"):
+
+    (1) h <- GRU(q_i, h)
+    (2) for every relation a, when item i has a KB entity:
+            t_a = e_i + r_a;  z_a = sigmoid(v_a . t_a);  v_a <- (1 - z_a) v_a + z_a t_a
+    (3) k = tanh(W_k h + b_k);  w = softmax_a(gamma * k . r_a);  m = sum_a w_a v_a
+    (4) p = f([h; m]);  s_j = g([q_j; e_j]);  score_j = p . s_j
+
+Two entry points share one set of weights: `step` (a batch of users, one event each: what the
+streaming worker calls) and `forward` (padded sequences: what training calls). Feeding a user's events
+one at a time through `step` gives the same state and scores as `forward` over the whole sequence.
+
+Shapes: B users in a batch, T time steps, A memory relations, D knowledge-base (TransE) dimension,
+H GRU hidden size, E item embedding size, O the size of the shared user/item scoring space, N items
+(row 0 is padding and never recommended).
+
+Options from the memory-network lineage, both in the read (3):
+- hops > 1: End-To-End Memory Networks; each hop refines the query, k_{h+1} = k_h + H_h m_h.
+- key_hashing: Key-Value Memory Networks' pre-selection; only slots for which the user has evidence
+  (a consumed item with a real triple of that relation) are addressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class KSRConfig:
+    """Every size and switch of the model; stored in the checkpoint's metadata."""
+
+    n_items: int  # including padding row 0
+    n_relations: int  # A, memory slots (0 when memory is off)
+    kb_dim: int = 64  # D, TransE dimension
+    item_dim: int = 64  # E
+    hidden_dim: int = 128  # H
+    out_dim: int = 64  # O
+    memory: bool = True  # False: the GRU4Rec ablation (no memory, no KB item features)
+    hops: int = 1  # memory reading hops; 1 = KSR as published
+    key_hashing: bool = False  # address only the slots this user has evidence for
+    gamma: float = 10.0  # attention sharpness in the read (RecBole's value)
+    write_transform: bool = False  # the authors' tanh(W e_i + b) before the write
+    dropout: float = 0.3  # on item embeddings, training only
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> KSRConfig:
+        """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer ksr?")
+        return cls(**values)
+
+
+@dataclass
+class UserState:
+    """Per-user recurrent state for a batch of B users (all tensors share the batch dimension)."""
+
+    hidden: Tensor  # (B, H) GRU state h
+    memory_values: Tensor  # (B, A, D) v_1..v_A
+    evidence: Tensor  # (B, A) 1.0 where the user consumed an item with a real triple of relation a
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @staticmethod
+    def stack(states: list[UserState]) -> UserState:
+        """Concatenate several states along the batch dimension."""
+        return UserState(
+            torch.cat([s.hidden for s in states]),
+            torch.cat([s.memory_values for s in states]),
+            torch.cat([s.evidence for s in states]),
+        )
+
+    def index(self, rows: Tensor | slice | int) -> UserState:
+        """The states of a subset of the batch (rows keep their dimension when `rows` is an int)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return UserState(self.hidden[rows], self.memory_values[rows], self.evidence[rows])
+
+
+class KSR(nn.Module):
+    """The KSR recommender (or, with `memory=False`, its GRU4Rec ablation)."""
+
+    def __init__(
+        self,
+        config: KSRConfig,
+        item_entity_vectors: Tensor | None = None,
+        item_has_entity: Tensor | None = None,
+        item_relation_mask: Tensor | None = None,
+        relation_keys: Tensor | None = None,
+    ) -> None:
+        """Build the model.
+
+        item_entity_vectors (N, D): TransE e_i per item, zero where the item has no entity.
+        item_has_entity (N,): bool, whether the memory is written for the item.
+        item_relation_mask (N, A): bool, the item's entity heads a real triple of relation a.
+        relation_keys (A, D): TransE r_a of the memory relations.
+        All four are frozen buffers; they may be omitted when loading a checkpoint's state dict.
+        """
+        super().__init__()
+        c = config
+        self.config = c
+        n, a, d = c.n_items, (c.n_relations if c.memory else 0), c.kb_dim
+        self.item_embedding = nn.Embedding(n, c.item_dim, padding_idx=0)
+        self.gru = nn.GRU(c.item_dim, c.hidden_dim, batch_first=True)
+        self.embedding_dropout = nn.Dropout(c.dropout)
+
+        def buffer(value: Tensor | None, shape: tuple, dtype: torch.dtype) -> Tensor:
+            if value is None:
+                return torch.zeros(shape, dtype=dtype)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"expected shape {shape}, got {tuple(value.shape)}")
+            return value.to(dtype)
+
+        kb = d if c.memory else 0
+        self.register_buffer("item_entity_vectors", buffer(item_entity_vectors, (n, kb), torch.float32))
+        self.register_buffer("item_has_entity", buffer(item_has_entity, (n,), torch.bool))
+        self.register_buffer("item_relation_mask", buffer(item_relation_mask, (n, a), torch.bool))
+        self.register_buffer("relation_keys", buffer(relation_keys, (a, kb), torch.float32))
+
+        if c.memory:
+            self.query = nn.Linear(c.hidden_dim, d)  # W_k, b_k of (3)
+            self.hop_updates = nn.ModuleList(
+                nn.Linear(d, d, bias=False) for _ in range(c.hops - 1)
+            )  # H_h of the multi-hop read
+            self.write_transform = nn.Linear(d, d) if c.write_transform else None
+        self.user_projection = nn.Linear(c.hidden_dim + kb, c.out_dim)  # f of (4)
+        self.item_projection = nn.Linear(c.item_dim + kb, c.out_dim)  # g of (4)
+
+    # ----------------------------------------------------------------------------- state
+    def initial_state(self, batch_size: int) -> UserState:
+        """The state of a user with no events: zero GRU state, empty memory."""
+        c = self.config
+        a = c.n_relations if c.memory else 0
+        like = self.item_embedding.weight
+        return UserState(
+            like.new_zeros(batch_size, c.hidden_dim),
+            like.new_zeros(batch_size, a, c.kb_dim if c.memory else 0),
+            like.new_zeros(batch_size, a),
+        )
+
+    # ----------------------------------------------------------------------------- write
+    def _write_targets(self, items: Tensor) -> Tensor:
+        """t_a = e_i + r_a for every relation: (..., ) item ids -> (..., A, D)."""
+        entity = self.item_entity_vectors[items]  # (..., D)
+        if self.write_transform is not None:
+            entity = torch.tanh(self.write_transform(entity))  # the authors' variant
+        return entity.unsqueeze(-2) + self.relation_keys  # (..., A, D)
+
+    def memory_write(self, memory_values: Tensor, items: Tensor) -> Tensor:
+        """Equation (2) for one event per user: (B, A, D), (B,) -> (B, A, D)."""
+        targets = self._write_targets(items)  # (B, A, D)
+        gate = torch.sigmoid((memory_values * targets).sum(-1, keepdim=True))  # z_a: (B, A, 1)
+        written = (1 - gate) * memory_values + gate * targets
+        # Items without a KB entity leave the memory untouched.
+        return torch.where(self.item_has_entity[items].view(-1, 1, 1), written, memory_values)
+
+    # ----------------------------------------------------------------------------- read
+    def memory_read(self, hidden: Tensor, memory_values: Tensor, evidence: Tensor) -> tuple[Tensor, Tensor]:
+        """Equation (3), with optional hops and key hashing.
+
+        hidden (..., H), memory_values (..., A, D), evidence (..., A) ->
+        m (..., D) and the last hop's attention weights w (..., A), the explanation.
+        """
+        query = torch.tanh(self.query(hidden))  # k: (..., D)
+        addressable = None
+        if self.config.key_hashing:
+            addressable = evidence > 0  # (..., A)
+        for hop in range(self.config.hops):
+            logits = self.config.gamma * (query @ self.relation_keys.T)  # (..., A)
+            if addressable is not None:
+                logits = logits.masked_fill(~addressable, float("-inf"))
+            weights = torch.softmax(logits, dim=-1)
+            if addressable is not None:
+                # A user with no evidence at all reads nothing (softmax over no slots).
+                weights = torch.nan_to_num(weights, nan=0.0)
+            read = (weights.unsqueeze(-1) * memory_values).sum(-2)  # m: (..., D)
+            if hop + 1 < self.config.hops:
+                query = query + self.hop_updates[hop](read)  # k_{h+1} = k_h + H_h m_h
+        return read, weights
+
+    # ----------------------------------------------------------------------------- scoring
+    def item_vectors(self) -> Tensor:
+        """s_j = g([q_j; e_j]) for the whole catalog: (N, O). The one place the item matrix is built."""
+        parts = [self.item_embedding.weight]
+        if self.config.memory:
+            parts.append(self.item_entity_vectors)
+        return self.item_projection(torch.cat(parts, dim=-1))
+
+    def user_vector(self, state: UserState) -> tuple[Tensor, Tensor]:
+        """p = f([h; m]) and the read weights: state of B users -> (B, O), (B, A)."""
+        return self._user_vector(state.hidden, state.memory_values, state.evidence)
+
+    def _user_vector(self, hidden: Tensor, memory_values: Tensor, evidence: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.config.memory:
+            return self.user_projection(hidden), hidden.new_zeros(*hidden.shape[:-1], 0)
+        read, weights = self.memory_read(hidden, memory_values, evidence)
+        return self.user_projection(torch.cat([hidden, read], dim=-1)), weights
+
+    def score(self, state: UserState, item_vectors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scores over the catalog (B, N) and explanation weights (B, A) for a batch of states.
+
+        Pass `item_vectors` (from `item_vectors()`) to reuse it across batches at serving time.
+        """
+        if item_vectors is None:
+            item_vectors = self.item_vectors()
+        user, weights = self.user_vector(state)
+        return user @ item_vectors.T, weights
+
+    # ----------------------------------------------------------------------------- streaming step
+    def step(self, state: UserState, items: Tensor) -> UserState:
+        """Apply one event to each of B users: equations (1) and (2). items: (B,) item ids."""
+        q = self.embedding_dropout(self.item_embedding(items))  # (B, E)
+        _, hidden = self.gru(q.unsqueeze(1), state.hidden.unsqueeze(0))  # (1, B, H)
+        if not self.config.memory:
+            return UserState(hidden[0], state.memory_values, state.evidence)
+        memory_values = self.memory_write(state.memory_values, items)
+        evidence = torch.maximum(state.evidence, self.item_relation_mask[items].to(state.evidence.dtype))
+        return UserState(hidden[0], memory_values, evidence)
+
+    def replay(self, items: Tensor, state: UserState | None = None) -> UserState:
+        """Run a (B, T) block of events through `step` in order, without padding: a helper for
+        recomputing users from their stored history."""
+        if state is None:
+            state = self.initial_state(items.shape[0])
+        for t in range(items.shape[1]):
+            state = self.step(state, items[:, t])
+        return state
+
+    # ----------------------------------------------------------------------------- batch forward
+    def forward(self, items: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, UserState]:
+        """Batch forward over right-padded sequences, the training path.
+
+        items (B, T) with 0 after each user's length; lengths (B,).
+        Returns user vectors after every position (B, T, O), read weights (B, T, A), and the final
+        state of each user (after position length-1). Padded positions hold garbage; mask them.
+        """
+        batch, steps = items.shape
+        q = self.embedding_dropout(self.item_embedding(items))  # (B, T, E)
+        hiddens, _ = self.gru(q)  # (B, T, H): outputs at valid positions ignore later padding
+        last = (lengths - 1).clamp(min=0)
+        rows = torch.arange(batch, device=items.device)
+        final_hidden = hiddens[rows, last]
+        if not self.config.memory:
+            user, weights = self._user_vector(hiddens, None, None)
+            state0 = self.initial_state(batch)
+            return user, weights, UserState(final_hidden, state0.memory_values, state0.evidence)
+
+        # The gated write (2) is recurrent in v, so it runs step by step; the read is batched.
+        valid = torch.arange(steps, device=items.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        targets = self._write_targets(items)  # (B, T, A, D)
+        writes = self.item_has_entity[items] & valid  # (B, T)
+        memory_values = self.initial_state(batch).memory_values
+        history = []
+        for t in range(steps):
+            gate = torch.sigmoid((memory_values * targets[:, t]).sum(-1, keepdim=True))
+            written = (1 - gate) * memory_values + gate * targets[:, t]
+            memory_values = torch.where(writes[:, t].view(-1, 1, 1), written, memory_values)
+            history.append(memory_values)
+        memory_history = torch.stack(history, dim=1)  # (B, T, A, D)
+        relation_hits = (self.item_relation_mask[items] & valid.unsqueeze(-1)).to(hiddens.dtype)  # (B, T, A)
+        evidence_history = torch.cummax(relation_hits, dim=1).values  # (B, T, A)
+        user, weights = self._user_vector(hiddens, memory_history, evidence_history)
+        final = UserState(final_hidden, memory_history[rows, last], evidence_history[rows, last])
+        return user, weights, final
+
+
+def sequence_loss(
+    model: KSR,
+    user_vectors: Tensor,
+    targets: Tensor,
+    loss: str = "ce",
+    negatives: Tensor | None = None,
+) -> Tensor:
+    """Next-item loss at the given positions.
+
+    user_vectors (P, O): p after each training position; targets (P,): the item that came next.
+    loss "ce": full-catalog softmax cross-entropy (padding item excluded).
+    loss "bpr": -log sigmoid(s_pos - s_neg) with negatives (P,) drawn by the caller.
+    """
+    item_vectors = model.item_vectors()
+    if loss == "ce":
+        logits = user_vectors @ item_vectors.T  # (P, N)
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets)
+    if loss == "bpr":
+        if negatives is None:
+            raise ValueError("BPR needs negatives")
+        positive = (user_vectors * item_vectors[targets]).sum(-1)
+        negative = (user_vectors * item_vectors[negatives]).sum(-1)
+        return -F.logsigmoid(positive - negative).mean()
+    raise ValueError(f"unknown loss {loss!r}: use 'ce' or 'bpr'")

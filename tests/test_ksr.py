@@ -1,0 +1,153 @@
+"""The model's two entry points agree: streaming `step` event by event equals the batch `forward`."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from model.ksr import KSR, KSRConfig, UserState, sequence_loss
+
+N_ITEMS, N_RELATIONS, KB_DIM = 40, 5, 8
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **options) -> KSR:
+    """A small random KSR whose items 1..29 have KB entities and 30..39 do not.
+
+    In float64 every weight and bias is drawn wide (std 0.3), so that any logic difference between
+    the two paths shows far above rounding; in float32 the model keeps PyTorch's own initialisation,
+    the scale it is trained from.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    memory = options.get("memory", True)
+    a = N_RELATIONS if memory else 0
+    config = KSRConfig(
+        n_items=N_ITEMS, n_relations=a, kb_dim=KB_DIM, item_dim=12, hidden_dim=16, out_dim=10,
+        dropout=0.0, **options,
+    )
+    kb = KB_DIM if memory else 0
+    has_entity = torch.zeros(N_ITEMS, dtype=torch.bool)
+    has_entity[1:30] = True
+    vectors = torch.randn(N_ITEMS, kb, generator=generator) * has_entity.unsqueeze(1)
+    relation_mask = (torch.rand(N_ITEMS, a, generator=generator) < 0.4) & has_entity.unsqueeze(1)
+    keys = torch.randn(a, kb, generator=generator)
+    torch.manual_seed(seed)
+    model = KSR(config, vectors, has_entity, relation_mask, keys).to(dtype)
+    if dtype == torch.float64:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.3, generator=generator)
+    return model.eval()
+
+
+OPTIONS = [
+    {"memory": False},
+    *[
+        {"hops": hops, "key_hashing": hashing, "write_transform": transform}
+        for hops, hashing, transform in itertools.product((1, 2, 3), (False, True), (False, True))
+    ],
+]
+
+
+def random_histories(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 7, 23, 50]
+    histories = [torch.randint(1, N_ITEMS, (n,), generator=generator) for n in lengths]
+    histories.append(torch.tensor([31, 32, 33, 5, 34]))  # starts with items that have no entity
+    return histories
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@torch.no_grad()
+def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype) -> None:
+    model = make_model(dtype=dtype, **options)
+    tol = TOLERANCE[dtype]
+    histories = random_histories(1)
+    items = torch.zeros(len(histories), max(len(h) for h in histories), dtype=torch.long)
+    for row, history in enumerate(histories):
+        items[row, : len(history)] = history
+    lengths = torch.tensor([len(h) for h in histories])
+    user_vectors, weights, final = model(items, lengths)
+    item_vectors = model.item_vectors()
+    batch_scores = user_vectors @ item_vectors.T  # (B, T, N)
+
+    for row, history in enumerate(histories):
+        state = model.initial_state(1)
+        assert state.hidden.dtype == dtype
+        for t, item in enumerate(history):
+            state = model.step(state, item.view(1))
+            scores, step_weights = model.score(state, item_vectors)
+            torch.testing.assert_close(scores[0], batch_scores[row, t], atol=tol, rtol=tol)
+            torch.testing.assert_close(step_weights[0], weights[row, t], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.evidence[0], final.evidence[row])
+
+
+@torch.no_grad()
+def test_batched_step_equals_one_user_at_a_time() -> None:
+    """The worker steps many users in one call; each must get what a lone step would give."""
+    model = make_model(hops=2, key_hashing=True)
+    histories = random_histories(2)
+    states = [model.replay(h.view(1, -1)) for h in histories]
+    batch = UserState.stack(states)
+    next_items = torch.tensor([3, 31, 7, 8, 9, 35])
+    stepped = model.step(batch, next_items)
+    for row, state in enumerate(states):
+        alone = model.step(state, next_items[row : row + 1])
+        torch.testing.assert_close(stepped.index(row).hidden, alone.hidden, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(stepped.index(row).memory_values, alone.memory_values, atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_item_without_entity_leaves_memory_unchanged() -> None:
+    model = make_model()
+    state = model.replay(torch.tensor([[1, 2, 3]]))
+    after = model.step(state, torch.tensor([35]))  # items 30..39 have no KB entity
+    assert torch.equal(after.memory_values, state.memory_values)
+    assert not torch.equal(after.hidden, state.hidden)
+    changed = model.step(state, torch.tensor([4]))
+    assert not torch.equal(changed.memory_values, state.memory_values)
+
+
+@torch.no_grad()
+def test_explanation_weights_are_a_distribution_over_relations() -> None:
+    model = make_model(hops=1)
+    state = model.replay(torch.tensor([[1, 5, 9, 12]]))
+    _, weights = model.score(state)
+    assert weights.shape == (1, N_RELATIONS)
+    assert torch.all(weights >= 0)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+@torch.no_grad()
+def test_key_hashing_reads_nothing_before_any_evidence() -> None:
+    model = make_model(key_hashing=True)
+    state = model.replay(torch.tensor([[31, 32]]))  # no KB entity: no evidence for any slot
+    _, weights = model.score(state)
+    assert torch.all(weights == 0)
+    assert torch.all(state.evidence == 0)
+
+
+def test_losses_train_the_model_towards_the_target() -> None:
+    model = make_model()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    items = torch.tensor([[1, 2, 3, 4, 5]])
+    for loss_name in ("ce", "bpr"):
+        first = None
+        for _ in range(30):
+            user_vectors, _, _ = model(items, torch.tensor([5]))
+            loss = sequence_loss(
+                model, user_vectors[0], torch.tensor([2, 3, 4, 5, 6]), loss_name, torch.tensor([9] * 5)
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first = first if first is not None else loss.item()
+        assert loss.item() < 0.5 * first, loss_name
