@@ -1,0 +1,117 @@
+"""Leave-one-out evaluation, as RecBole runs it for sequential models.
+
+Each user's events in time order (stable: ties keep file order); the last item is the test target,
+the second last the validation target, the rest is training. Every item of the catalog is ranked;
+nothing is masked (items the user has seen stay in the ranking, as in RecBole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint
+from model.data import Dataset
+from model.ksr import KSR
+from model.metrics import RankingMetrics, target_ranks
+
+
+@dataclass
+class LeaveOneOut:
+    """Per user (index = user index): full sequence; users with >= 3 events are evaluated."""
+
+    sequences: list[np.ndarray]
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> LeaveOneOut:
+        return cls(dataset.user_sequences())
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Everything but each user's last two events."""
+        return [s[:-2] for s in self.sequences]
+
+    def evaluated_users(self) -> list[int]:
+        """Users with a training event, a validation and a test target."""
+        return [u for u, s in enumerate(self.sequences) if len(s) >= 3]
+
+
+def pad(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad item sequences with 0: (B, T) ids and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    items = torch.zeros(len(sequences), int(lengths.max()) if len(sequences) else 0, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        items[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return items, lengths
+
+
+@torch.no_grad()
+def evaluate_loo_ksr(
+    model: KSR, split: LeaveOneOut, batch_users: int = 128
+) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of a KSR/GRU4Rec model: {"valid": {...}, "test": {...}}.
+
+    One forward over each user's events minus the last gives both: the user vector after the
+    third-last event predicts the validation item, the one after the second-last the test item.
+    """
+    was_training = model.training
+    model.eval()
+    valid, test = RankingMetrics(), RankingMetrics()
+    users = sorted(split.evaluated_users(), key=lambda u: len(split.sequences[u]))
+    item_vectors = model.item_vectors()
+    for start in range(0, len(users), batch_users):
+        chunk = [split.sequences[u] for u in users[start : start + batch_users]]
+        items, lengths = pad([s[:-1] for s in chunk])
+        user_vectors, _, _ = model(items, lengths)
+        rows = torch.arange(len(chunk))
+        for metrics, position, target in (
+            (valid, lengths - 2, torch.tensor([s[-2] for s in chunk])),
+            (test, lengths - 1, torch.tensor([s[-1] for s in chunk])),
+        ):
+            scores = user_vectors[rows, position] @ item_vectors.T
+            scores[:, 0] = float("-inf")
+            metrics.add(target_ranks(scores, target))
+    model.train(was_training)
+    return {"valid": valid.result(), "test": test.result()}
+
+
+def evaluate_loo_pop(popularity: torch.Tensor, split: LeaveOneOut) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of a popularity ranking (the same list for every user)."""
+    valid, test = RankingMetrics(), RankingMetrics()
+    users = split.evaluated_users()
+    scores = popularity.double().clone()
+    scores[0] = float("-inf")
+    scores = scores.unsqueeze(0).expand(len(users), -1)
+    for metrics, offset in ((valid, -2), (test, -1)):
+        targets = torch.tensor([split.sequences[u][offset] for u in users])
+        metrics.add(target_ranks(scores, targets))
+    return {"valid": valid.result(), "test": test.result()}
+
+
+def check_compatible(checkpoint: Checkpoint, dataset: Dataset) -> None:
+    """Refuse to evaluate a checkpoint on data whose item ids it does not know."""
+    if checkpoint.item_tokens != dataset.item_tokens:
+        raise ValueError(
+            f"the checkpoint's {len(checkpoint.item_tokens) - 1} items differ from the data's "
+            f"{dataset.n_items - 1} ({dataset.name}): evaluate on the data it was trained on, or retrain"
+        )
+
+
+def evaluate_loo(checkpoint: Checkpoint, dataset: Dataset) -> dict:
+    """`ksr evaluate --protocol loo`: test metrics at the top level, validation under "valid"."""
+    check_compatible(checkpoint, dataset)
+    split = LeaveOneOut.from_dataset(dataset)
+    if checkpoint.model is None:
+        result = evaluate_loo_pop(checkpoint.popularity, split)
+    else:
+        result = evaluate_loo_ksr(checkpoint.model, split)
+    return {
+        **result["test"],
+        "valid": result["valid"],
+        "users": len(split.evaluated_users()),
+        "items": dataset.n_items - 1,
+        "protocol": "loo",
+        "model": checkpoint.kind,
+        "data": dataset.name,
+    }

@@ -1,0 +1,239 @@
+"""Training: TransE on the KG, then KSR (or GRU4Rec, or Pop) with early stopping on validation.
+
+The recommender is trained with a next-item loss at every position of each user's training
+sequence (one forward per batch of users covers all their prefixes, which is what RecBole's prefix
+augmentation computes one prefix at a time). The epoch kept is the one with the best validation
+NDCG@10; training stops after `patience` epochs without a gain.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import checkpoint
+from model.data import Dataset
+from model.evaluate import LeaveOneOut, evaluate_loo_ksr, evaluate_loo_pop, pad
+from model.knowledge import ItemKnowledge, build_item_knowledge, choose_relations
+from model.ksr import KSR, KSRConfig, sequence_loss
+from model.transe import TransEConfig, TransEEmbeddings, train_transe
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the recommender's training loop."""
+
+    model: str = "ksr"  # ksr | gru4rec | pop
+    epochs: int = 200
+    patience: int = 10
+    batch_users: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "ce"  # ce | bpr
+    seed: int = 2020
+    relations: int = 10  # memory relations, by item coverage
+    threads: int = 2
+    max_minutes: float | None = None  # wall-clock cap on the recommender's epochs
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON metadata."""
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so a run with the same settings repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def transe_embeddings(dataset: Dataset, config: TransEConfig) -> TransEEmbeddings:
+    """Train TransE, or reuse the vectors cached for this data fingerprint and these settings."""
+    key = hashlib.sha256(
+        json.dumps([dataset.fingerprint, config.to_dict()], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("KSR_CACHE_DIR", Path.home() / ".cache" / "ksr-stream")) / "transe"
+    path = cache / f"{dataset.name}-{key}.pt"
+    if path.is_file():
+        tensors = torch.load(path, weights_only=True)
+        _log(f"transe: reusing {path}")
+        return TransEEmbeddings(tensors["entities"], tensors["relations"], float(tensors["loss"]))
+    _log(f"transe: training on {len(dataset.triples)} triples ({config.epochs} epochs, dim {config.dim})")
+    embeddings = train_transe(dataset.triples, dataset.n_entities, dataset.n_relations, config)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(
+        {"entities": embeddings.entities, "relations": embeddings.relations,
+         "loss": torch.tensor(embeddings.final_loss)},
+        staging,
+    )
+    os.replace(staging, path)
+    return embeddings
+
+
+def build_model(
+    dataset: Dataset, config: TrainConfig, model_config: KSRConfig, transe: TransEConfig
+) -> tuple[KSR, ItemKnowledge | None]:
+    """A fresh model for the data set: KSR with its KB inputs, or the GRU4Rec ablation."""
+    if config.model == "gru4rec":
+        return KSR(replace(model_config, n_items=dataset.n_items, n_relations=0, memory=False)), None
+    embeddings = transe_embeddings(dataset, transe)
+    knowledge = build_item_knowledge(dataset, embeddings, choose_relations(dataset, config.relations))
+    model_config = replace(
+        model_config,
+        n_items=dataset.n_items,
+        n_relations=len(knowledge.relation_tokens),
+        kb_dim=transe.dim,
+        memory=True,
+    )
+    model = KSR(
+        model_config,
+        knowledge.item_entity_vectors,
+        knowledge.item_has_entity,
+        knowledge.item_relation_mask,
+        knowledge.relation_keys,
+    )
+    return model, knowledge
+
+
+def _batches(sequences: list[np.ndarray], batch_users: int, generator: random.Random) -> list[list[int]]:
+    """Users grouped by similar length (little padding), batches in random order."""
+    users = [u for u, s in enumerate(sequences) if len(s) >= 2]
+    users.sort(key=lambda u: (len(sequences[u]), generator.random()))
+    batches = [users[i : i + batch_users] for i in range(0, len(users), batch_users)]
+    generator.shuffle(batches)
+    return batches
+
+
+def train_epoch(
+    model: KSR,
+    optimizer: torch.optim.Optimizer,
+    sequences: list[np.ndarray],
+    config: TrainConfig,
+    generator: random.Random,
+    negative_weights: torch.Tensor | None = None,
+) -> float:
+    """One pass over the training sequences; returns the mean loss per predicted position."""
+    model.train()
+    total, positions = 0.0, 0
+    for batch in _batches(sequences, config.batch_users, generator):
+        items, lengths = pad([sequences[u] for u in batch])
+        user_vectors, _, _ = model(items[:, :-1], lengths - 1)
+        # Position t's user vector predicts the item at t + 1.
+        valid = torch.arange(items.shape[1] - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        targets = items[:, 1:][valid]
+        negatives = None
+        if config.loss == "bpr":
+            negatives = torch.multinomial(negative_weights, len(targets), replacement=True)
+        loss = sequence_loss(model, user_vectors[valid], targets, config.loss, negatives)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(targets)
+        positions += len(targets)
+    return total / max(positions, 1)
+
+
+def train(
+    dataset: Dataset,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    model_config: KSRConfig | None = None,
+    transe: TransEConfig = TransEConfig(),
+) -> dict:
+    """Train a model on the leave-one-out split, save the best epoch as a checkpoint at `out`.
+
+    Returns the checkpoint's metadata (which includes validation and test metrics).
+    """
+    torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    split = LeaveOneOut.from_dataset(dataset)
+    sequences = split.train_sequences()
+    train_items = np.concatenate([s for s in sequences if len(s)])
+    popularity = torch.as_tensor(np.bincount(train_items, minlength=dataset.n_items), dtype=torch.float32)
+    base_meta = {
+        "model": config.model,
+        "item_tokens": dataset.item_tokens,
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "users": dataset.n_users,
+            "items": dataset.n_items - 1,
+            "events": dataset.n_events,
+        },
+        "train": config.to_dict(),
+    }
+    started = time.perf_counter()
+    if config.model == "pop":
+        result = evaluate_loo_pop(popularity, split)
+        meta = {**base_meta, "metrics": result, "train_seconds": time.perf_counter() - started}
+        checkpoint.save(out, meta, popularity=popularity)
+        _log(f"pop: valid {result['valid']}  test {result['test']}")
+        return meta
+    if config.model not in ("ksr", "gru4rec"):
+        raise ValueError(f"unknown model {config.model!r}: use ksr, gru4rec or pop")
+
+    model_config = model_config or KSRConfig(n_items=dataset.n_items, n_relations=0)
+    model, knowledge = build_model(dataset, config, model_config, transe)
+    transe_seconds = time.perf_counter() - started
+    # Frozen KB buffers are not parameters, so the optimizer never touches them.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = random.Random(config.seed)
+    negative_weights = popularity.clone()
+    negative_weights[0] = 0
+    best = {"epoch": -1, "valid": {"ndcg@10": -1.0}}
+    best_state = copy.deepcopy(model.state_dict())
+    history = []
+    epochs_started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        loss = train_epoch(model, optimizer, sequences, config, generator, negative_weights)
+        result = evaluate_loo_ksr(model, split)
+        seconds = time.perf_counter() - epoch_started
+        history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": result["valid"]["ndcg@10"],
+                        "seconds": round(seconds, 2)})
+        improved = result["valid"]["ndcg@10"] > best["valid"]["ndcg@10"]
+        if improved:
+            best = {"epoch": epoch, **result}
+            best_state = copy.deepcopy(model.state_dict())
+        _log(
+            f"{config.model}: epoch {epoch} loss {loss:.4f} valid ndcg@10 "
+            f"{result['valid']['ndcg@10']:.4f} hit@10 {result['valid']['hit@10']:.4f}"
+            f"{' (best)' if improved else ''} {seconds:.1f}s"
+        )
+        if epoch - best["epoch"] >= config.patience:
+            _log(f"{config.model}: no gain for {config.patience} epochs, stopping")
+            break
+        if config.max_minutes is not None and time.perf_counter() - epochs_started > config.max_minutes * 60:
+            _log(f"{config.model}: time cap of {config.max_minutes} min reached, stopping")
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    meta = {
+        **base_meta,
+        "relation_tokens": knowledge.relation_tokens if knowledge else [],
+        "relation_coverage": knowledge.relation_coverage if knowledge else [],
+        "transe": transe.to_dict() if knowledge else None,
+        "metrics": {"valid": best["valid"], "test": best["test"], "best_epoch": best["epoch"]},
+        "history": history,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "transe_seconds": round(transe_seconds, 1),
+        "epochs_run": len(history),
+    }
+    checkpoint.save(out, meta, model=model)
+    _log(f"{config.model}: best epoch {best['epoch']}: valid {best['valid']} test {best['test']}")
+    return meta
