@@ -28,6 +28,73 @@ def _cmd_data(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown data command {args.data_command!r}")
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from model import data, train
+    from model.ksr import KSRConfig
+    from model.transe import TransEConfig
+
+    dataset = data.load(args.data)
+    config = train.TrainConfig(
+        model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
+        lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
+        relations=args.relations, threads=args.threads, max_minutes=args.max_minutes,
+    )
+    model_config = KSRConfig(
+        n_items=dataset.n_items, n_relations=0, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
+        out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
+        write_transform=args.write_transform, dropout=args.dropout,
+    )
+    transe = TransEConfig(dim=args.kb_dim, norm=args.transe_norm, epochs=args.transe_epochs, seed=args.seed)
+    meta = train.train(dataset, args.out, config, model_config, transe)
+    summary = {"checkpoint": str(args.out), "model": args.model, **meta["metrics"],
+               "train_seconds": meta.get("train_seconds"), "epochs_run": meta.get("epochs_run")}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from model import checkpoint, data, evaluate
+
+    loaded = checkpoint.load(args.checkpoint)
+    dataset = data.load(args.data)
+    if args.protocol == "loo":
+        result = evaluate.evaluate_loo(loaded, dataset)
+    else:
+        from model import prequential
+
+        result = prequential.evaluate_stream(loaded, dataset, plot=args.plot)
+    if args.json:
+        _print_json(result)
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from model.serving import Recommender
+
+    recommender = Recommender.load(args.checkpoint)
+    tokens = [t for t in args.items.split(",") if t]
+    try:
+        history = recommender.lookup(tokens)
+    except KeyError as error:
+        raise SystemExit(f"ksr recommend: {error.args[0]}") from None
+    state = recommender.replay([history])
+    (result,) = recommender.rank(state, [history], args.k)
+    payload = {"items": result.items, "scores": result.scores, "explanation": result.explanation,
+               "model_version": recommender.version, "history": tokens}
+    if args.json:
+        _print_json(payload)
+    else:
+        for rank, (item, score) in enumerate(zip(result.items, result.scores), 1):
+            print(f"{rank:3d}. item {item:>8}  score {score:.4f}")
+        print("why:", ", ".join(f"{e['relation']} {e['weight']:.2f}" for e in result.explanation[:5]))
+    return 0
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker import broker
 
@@ -44,6 +111,50 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", choices=["ml-100k"])
     p.set_defaults(func=_cmd_data)
 
+    p = sub.add_parser("train", help="train TransE + KSR (or gru4rec, pop) and write a checkpoint")
+    p.add_argument("--data", default="ml-100k", help="ml-100k or a folder of RecBole atomic files")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--model", choices=["ksr", "gru4rec", "pop"], default="ksr")
+    p.add_argument("--seed", type=int, default=2020)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=10, help="early stop after N epochs without gain")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap on training")
+    p.add_argument("--batch-users", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss", choices=["ce", "bpr"], default="ce")
+    p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--item-dim", type=int, default=64)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--out-dim", type=int, default=64)
+    p.add_argument("--kb-dim", type=int, default=64)
+    p.add_argument("--hops", type=int, default=1, help="memory reading hops (1 = KSR as published)")
+    p.add_argument("--key-hashing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--gamma", type=float, default=10.0)
+    p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=False,
+                   help="the authors' tanh(W e + b) before the memory write")
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--transe-norm", type=int, choices=[1, 2], default=1)
+    p.add_argument("--transe-epochs", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (leave-one-out or prequential)")
+    p.add_argument("--data", default="ml-100k")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--protocol", choices=["loo", "stream"], default="loo")
+    p.add_argument("--plot", default=None, help="PNG path for the prequential HR@10 plot")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-k and explanation for a history of item ids")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--items", required=True, help="comma-separated item ids, oldest first")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_recommend)
+
     p = sub.add_parser("broker", help="local single-node Apache Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(func=_cmd_broker)
@@ -53,7 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as error:
+        # Data, checkpoint and config problems carry a message that says what to fix.
+        from model.checkpoint import CheckpointError
+        from model.data import DataError
+
+        if isinstance(error, (DataError, CheckpointError)):
+            print(f"ksr {args.command}: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

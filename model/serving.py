@@ -1,0 +1,120 @@
+"""Serving a checkpoint: step a batch of users and answer each with top-k and an explanation.
+
+This is the model's public surface for the streaming worker and for `ksr recommend`: both call
+`Recommender.advance` so that a user's recommendation is the same whichever of the two produced it.
+Items a user has already consumed are never recommended back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import checkpoint as checkpoints
+from model.ksr import KSR, UserState
+
+
+@dataclass
+class Recommendation:
+    """Top-k for one user: item tokens, their scores, and relation weights (the explanation)."""
+
+    items: list[str]
+    scores: list[float]
+    explanation: list[dict]
+
+
+class Recommender:
+    """A loaded KSR/GRU4Rec checkpoint, ready to step users and rank the catalog."""
+
+    def __init__(self, checkpoint: checkpoints.Checkpoint) -> None:
+        if checkpoint.model is None:
+            raise checkpoints.CheckpointError(
+                f"a {checkpoint.kind} checkpoint has no per-user state to stream: serve a ksr or "
+                "gru4rec checkpoint (`ksr train --model ksr`)"
+            )
+        self.checkpoint = checkpoint
+        self.model: KSR = checkpoint.model.eval()
+        self.version = checkpoint.version
+        self.item_tokens = checkpoint.item_tokens
+        self.item_index = {token: i for i, token in enumerate(self.item_tokens)}
+        self.relation_tokens = checkpoint.relation_tokens
+        with torch.no_grad():
+            self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Recommender:
+        """Load a checkpoint folder (raises CheckpointError with what to fix)."""
+        return cls(checkpoints.load(directory))
+
+    @property
+    def n_items(self) -> int:
+        """Catalog size, padding row included."""
+        return len(self.item_tokens)
+
+    def initial_state(self, batch_size: int) -> UserState:
+        """States of users with no events."""
+        return self.model.initial_state(batch_size)
+
+    @torch.no_grad()
+    def replay(self, histories: Sequence[Sequence[int]]) -> UserState:
+        """Recompute states from item-index histories (any lengths), one batched step per position."""
+        state = self.initial_state(len(histories))
+        longest = max((len(h) for h in histories), default=0)
+        for t in range(longest):
+            active = [row for row, h in enumerate(histories) if len(h) > t]
+            rows = torch.tensor(active)
+            items = torch.tensor([histories[row][t] for row in active])
+            stepped = self.model.step(state.index(rows), items)
+            state.hidden[rows] = stepped.hidden
+            state.memory_values[rows] = stepped.memory_values
+            state.evidence[rows] = stepped.evidence
+        return state
+
+    @torch.no_grad()
+    def advance(
+        self, state: UserState, items: torch.Tensor, seen: Sequence[Sequence[int]], k: int = 10
+    ) -> tuple[UserState, list[Recommendation]]:
+        """One event for each of B users: new states and, for each, the top-k unseen items.
+
+        state: B users' states; items: (B,) item indices just consumed; seen[b]: item indices user b
+        has consumed (the new one included), excluded from the ranking.
+        """
+        new_state = self.model.step(state, items)
+        return new_state, self.rank(new_state, seen, k)
+
+    @torch.no_grad()
+    def rank(self, state: UserState, seen: Sequence[Sequence[int]], k: int = 10) -> list[Recommendation]:
+        """Top-k unseen items and the explanation for each user of a batch of states."""
+        scores, weights = self.model.score(state, self.item_vectors)  # (B, N), (B, A)
+        scores[:, 0] = float("-inf")
+        rows = torch.repeat_interleave(torch.arange(len(seen)), torch.tensor([len(s) for s in seen]))
+        if len(rows):
+            scores[rows, torch.tensor([i for s in seen for i in s], dtype=torch.long)] = float("-inf")
+        k = min(k, self.n_items - 1)
+        top_scores, top_items = torch.topk(scores, k, dim=1)
+        results = []
+        for row in range(len(seen)):
+            finite = torch.isfinite(top_scores[row])
+            results.append(
+                Recommendation(
+                    items=[self.item_tokens[i] for i in top_items[row][finite].tolist()],
+                    scores=[round(s, 6) for s in top_scores[row][finite].tolist()],
+                    explanation=self.explain(weights[row]),
+                )
+            )
+        return results
+
+    def explain(self, weights: torch.Tensor) -> list[dict]:
+        """Relation weights, largest first: how much each relation drives the user's next pick."""
+        pairs = sorted(zip(self.relation_tokens, weights.tolist()), key=lambda p: -p[1])
+        return [{"relation": relation, "weight": round(weight, 6)} for relation, weight in pairs]
+
+    def lookup(self, tokens: Sequence[str]) -> list[int]:
+        """Item indices of raw item ids; raises KeyError naming the first unknown id."""
+        missing = [t for t in tokens if t not in self.item_index]
+        if missing:
+            raise KeyError(f"unknown item id {missing[0]!r} (not in the checkpoint's catalog)")
+        return [self.item_index[t] for t in tokens]
