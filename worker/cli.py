@@ -95,6 +95,20 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker import app
+
+    return app.run(checkpoint=args.checkpoint, loglevel=args.loglevel)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from worker import replay
+
+    sent = replay.replay(args.data, rate=args.rate, limit=args.limit, skip=args.skip)
+    print(f"replayed {sent} events", file=sys.stderr)
+    return 0
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker import broker
 
@@ -154,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_recommend)
+
+    p = sub.add_parser("worker", help="run the Faust stream worker (Procfile `worker:`)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: $KSR_CHECKPOINT)")
+    p.add_argument("--loglevel", default="warning")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("replay", help="produce a data set's events into the interactions topic")
+    p.add_argument("--data", default="ml-100k")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="stop after the first N events of the data set")
+    p.add_argument("--skip", type=int, default=0, help="skip the first N events")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("broker", help="local single-node Apache Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])

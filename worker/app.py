@@ -1,0 +1,206 @@
+"""The Faust app: topics and the user-state table declared once, one thin agent.
+
+Data path: `interactions` -> agent (batches via take_events, one actor per partition) ->
+BatchProcessor (validate, load states, model step, top-k) -> `recommendations` / `interactions.dlq`,
+and the new states into the `user-state` table (RocksDB via rocksdict, with its changelog topic).
+
+Every message a batch produces goes to the batch's own partition number, so with exactly-once
+processing the recommendations, dead letters, changelog writes and the input offsets of a partition
+all commit in that partition's one Kafka transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+
+import faust
+from faust.streams import _current_event  # faust-streaming is pinned; see _agent
+
+from model.serving import Recommender
+from worker import metrics
+from worker.config import Settings
+from worker.processing import BatchProcessor, Source
+from worker.state import StateDecodeError, StoredUser, decode, encode
+
+log = logging.getLogger("ksr.worker")
+
+
+def broker_urls(bootstrap_servers: str) -> list[str]:
+    """Faust wants kafka://host:port URLs."""
+    return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+
+
+def faust_credentials(settings: Settings):
+    """Faust credentials from the shared KAFKA_* security settings (None for PLAINTEXT)."""
+    security = settings.kafka_security
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    context = None
+    if "SSL" in protocol:
+        context = ssl.create_default_context(cafile=security.get("ssl_cafile"))
+        if security.get("ssl_certfile"):
+            context.load_cert_chain(security["ssl_certfile"], security.get("ssl_keyfile"))
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=security.get("sasl_plain_username"),
+            password=security.get("sasl_plain_password"),
+            mechanism=security.get("sasl_mechanism", "PLAIN"),
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context)
+
+
+class Worker:
+    """The app with its topics, table and agent, bound to one Settings and one Recommender."""
+
+    def __init__(self, settings: Settings, recommender: Recommender, partitions: int) -> None:
+        self.settings = settings
+        self.processor = BatchProcessor(
+            recommender,
+            top_k=settings.top_k,
+            history_length=settings.history_length,
+            recent_event_ids=settings.recent_event_ids,
+            max_event_bytes=settings.max_event_bytes,
+        )
+        self.app = faust.App(
+            settings.app_id,
+            broker=broker_urls(settings.bootstrap_servers),
+            broker_credentials=faust_credentials(settings),
+            store="rocksdb://",
+            datadir=str(settings.state_dir),
+            processing_guarantee=settings.processing_guarantee,
+            topic_partitions=partitions,
+            topic_replication_factor=1,
+            consumer_auto_offset_reset="earliest",
+            web_enabled=False,
+            producer_max_request_size=max(1024 * 1024, 4 * settings.max_event_bytes),
+            consumer_max_fetch_size=max(1024 * 1024, 4 * settings.max_event_bytes),
+        )
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+        self.interactions = self.app.topic(settings.interactions_topic, partitions=partitions, **raw)
+        self.recommendations = self.app.topic(settings.recommendations_topic, partitions=partitions, **raw)
+        self.dead_letters = self.app.topic(settings.dlq_topic, partitions=partitions, **raw)
+        self.user_state = self.app.Table(
+            "user-state",
+            default=None,
+            partitions=partitions,
+            key_type=bytes,
+            value_type=bytes,
+            options={"driver": "rocksdict"},
+        )
+        # Tables take their serializers from Record types only; states are our own bytes
+        # (worker.state), so override before the store and changelog topic are created.
+        self.user_state.key_serializer = "raw"
+        self.user_state.value_serializer = "raw"
+        self.app.agent(self.interactions, name="process-interactions", isolated_partitions=True)(
+            self._agent
+        )
+        self.app.timer(10.0)(self._count_users)
+        metrics.MODEL_VERSION.set(recommender.version)
+
+    async def _agent(self, stream) -> None:
+        async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
+            # take_events leaves no current event in this task, but table writes need one to pick
+            # the RocksDB partition and the changelog partition. All events of an isolated actor's
+            # batch share one partition, so any of them will do. Only this task's context variable
+            # is set: the stream's own attribute belongs to its background buffering task.
+            token = _current_event.set(weakref.ref(events[-1]))
+            try:
+                await self.handle(events)
+            finally:
+                _current_event.reset(token)
+
+    def _load(self, user_id: str) -> StoredUser | None:
+        blob = self.user_state.get(user_id.encode())
+        if blob is None:
+            return None
+        try:
+            return decode(blob)
+        except StateDecodeError as error:
+            log.warning("user %r: unreadable state (%s); starting fresh", user_id, error)
+            return None
+
+    async def handle(self, events) -> None:
+        """Process one batch of Faust events from a single partition."""
+        sources = [
+            Source(e.message.key, e.message.value, e.message.topic, e.message.partition,
+                   e.message.offset, e.message.timestamp)
+            for e in events
+        ]
+        partition = sources[0].partition
+        result = self.processor.process(sources, self._load)
+        precision = self.settings.state_precision
+        for user_id, stored in result.states.items():
+            self.user_state[user_id.encode()] = encode(stored, precision)
+        for key, value in result.recommendations:
+            await self.recommendations.send(key=key, value=value, partition=partition)
+        for key, value, reason in result.dead_letters:
+            await self.dead_letters.send(key=key, value=value, partition=partition)
+            metrics.DEAD_LETTERS.labels(reason).inc()
+        metrics.BATCH_SIZE.observe(len(sources))
+        metrics.STEP_SECONDS.observe(result.step_seconds)
+        metrics.EVENTS.labels("ok").inc(len(result.recommendations))
+        metrics.EVENTS.labels("dead_letter").inc(len(result.dead_letters))
+        metrics.EVENTS.labels("duplicate").inc(result.duplicates)
+        metrics.RECOMMENDATIONS.inc(len(result.recommendations))
+        metrics.RECOMPUTED_USERS.inc(result.recomputed_users)
+        for latency in result.latencies:
+            metrics.LATENCY_SECONDS.observe(latency)
+
+    async def _count_users(self) -> None:
+        store = self.user_state.data
+        total = 0
+        for db in getattr(store, "_dbs", {}).values():
+            try:
+                total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+            except (RuntimeError, OSError) as error:  # a partition DB closing during a rebalance
+                log.debug("users gauge: skipped a partition (%s)", error)
+        metrics.USERS_IN_STATE.set(total)
+
+
+def run(checkpoint: str | None = None, loglevel: str = "info") -> int:
+    """`ksr worker`: load the model, make sure topics exist, serve metrics, run the Faust worker."""
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from worker.config import ConfigError
+    from worker.topics import ensure_topics
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"ksr worker: {error}", file=sys.stderr)
+        return 2
+    if checkpoint:
+        settings = _replace(settings, checkpoint=checkpoint)
+    torch.set_num_threads(int(__import__("os").environ.get("KSR_TORCH_THREADS", "1")))
+    try:
+        recommender = Recommender.load(settings.checkpoint)
+    except CheckpointError as error:
+        print(f"ksr worker: cannot serve {settings.checkpoint}: {error}", file=sys.stderr)
+        return 2
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    partitions = ensure_topics(settings)
+    metrics.serve(settings.metrics_host, settings.metrics_port)
+    print(
+        f"ksr worker: model v{recommender.version} ({recommender.checkpoint.kind}, "
+        f"{recommender.n_items - 1} items) from {settings.checkpoint}; {settings.interactions_topic} -> "
+        f"{settings.recommendations_topic} on {settings.bootstrap_servers}; metrics on "
+        f"http://{settings.metrics_host}:{settings.metrics_port}/metrics",
+        file=sys.stderr,
+    )
+    worker = Worker(settings, recommender, partitions)
+    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    return 0
+
+
+def _replace(settings: Settings, **changes) -> Settings:
+    from dataclasses import replace
+    from pathlib import Path
+
+    return replace(settings, **{k: Path(v) if k == "checkpoint" else v for k, v in changes.items()})

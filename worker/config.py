@@ -1,0 +1,143 @@
+"""The worker's one config object, read from the environment (12-factor style).
+
+Every setting has a default that runs against the local broker; a bad value stops the program with a
+message naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and the fix."""
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _positive_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    return value
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _text(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def var_dir() -> Path:
+    """Project-local folder for runtime data (broker data, worker state, checkpoints)."""
+    return Path(os.environ.get("KSR_VAR_DIR") or REPO_ROOT / "var")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker, replay and fine-tuner need to know about their surroundings."""
+
+    bootstrap_servers: str
+    app_id: str
+    interactions_topic: str
+    recommendations_topic: str
+    dlq_topic: str
+    model_updates_topic: str
+    partitions: int
+    checkpoint: Path
+    state_dir: Path
+    metrics_host: str
+    metrics_port: int
+    batch_size: int
+    batch_within_s: float
+    top_k: int
+    history_length: int
+    recent_event_ids: int
+    max_event_bytes: int
+    processing_guarantee: str
+    state_precision: str
+    kafka_security: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read and validate every setting; raises ConfigError on the first bad one."""
+        base = var_dir()
+        return cls(
+            bootstrap_servers=_text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            app_id=_text("KSR_APP_ID", "ksr-worker"),
+            interactions_topic=_text("KSR_TOPIC_INTERACTIONS", "interactions"),
+            recommendations_topic=_text("KSR_TOPIC_RECOMMENDATIONS", "recommendations"),
+            dlq_topic=_text("KSR_TOPIC_DLQ", "interactions.dlq"),
+            model_updates_topic=_text("KSR_TOPIC_MODEL_UPDATES", "model-updates"),
+            partitions=_positive_int("KSR_PARTITIONS", 4),
+            checkpoint=Path(_text("KSR_CHECKPOINT", str(base / "checkpoints" / "current"))),
+            state_dir=Path(_text("KSR_STATE_DIR", str(base / "worker"))),
+            metrics_host=_text("KSR_METRICS_HOST", "127.0.0.1"),
+            metrics_port=_positive_int("KSR_METRICS_PORT", 9464),
+            batch_size=_positive_int("KSR_BATCH_SIZE", 256),
+            batch_within_s=_positive_float("KSR_BATCH_WITHIN_MS", 10.0) / 1000,
+            top_k=_positive_int("KSR_TOP_K", 10),
+            history_length=_positive_int("KSR_HISTORY_LENGTH", 100),
+            recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
+            max_event_bytes=_positive_int("KSR_MAX_EVENT_BYTES", 64 * 1024),
+            processing_guarantee=_choice(
+                "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")
+            ),
+            state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16")),
+            kafka_security=kafka_security_from_env(),
+        )
+
+    def describe(self) -> dict:
+        """The settings as printable values (secrets masked)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kafka_security":
+                value = {k: ("***" if "password" in k else v) for k, v in value.items()}
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def kafka_security_from_env() -> dict:
+    """SASL/SSL client settings shared by every Kafka client (names as kafka-python/aiokafka use)."""
+    mapping = {
+        "KAFKA_SECURITY_PROTOCOL": "security_protocol",
+        "KAFKA_SASL_MECHANISM": "sasl_mechanism",
+        "KAFKA_SASL_USERNAME": "sasl_plain_username",
+        "KAFKA_SASL_PASSWORD": "sasl_plain_password",
+        "KAFKA_SSL_CAFILE": "ssl_cafile",
+        "KAFKA_SSL_CERTFILE": "ssl_certfile",
+        "KAFKA_SSL_KEYFILE": "ssl_keyfile",
+    }
+    settings = {key: os.environ[var] for var, key in mapping.items() if os.environ.get(var)}
+    protocol = settings.get("security_protocol", "PLAINTEXT")
+    allowed = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    if protocol not in allowed:
+        raise ConfigError(f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(allowed)}, got {protocol!r}")
+    return settings

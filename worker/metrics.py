@@ -1,0 +1,35 @@
+"""Prometheus metrics of the worker and the fine-tuner (prefix `ksr_`), served by prometheus-client."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS = Counter("ksr_events", "Interaction events by outcome", ["outcome"])  # ok|dead_letter|duplicate
+RECOMMENDATIONS = Counter("ksr_recommendations", "Recommendation messages emitted")
+DEAD_LETTERS = Counter("ksr_dead_letters", "Events sent to the dead-letter topic, by reason", ["reason"])
+FINETUNE_RUNS = Counter("ksr_finetune_runs", "Fine-tune rounds by result", ["result"])
+FINETUNE_SECONDS = Histogram(
+    "ksr_finetune_round_seconds", "Duration of a fine-tune round",
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+BATCH_SIZE = Histogram(
+    "ksr_batch_size", "Events per processed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+STEP_SECONDS = Histogram(
+    "ksr_model_step_seconds", "Model step + top-k time per batch",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+LATENCY_SECONDS = Histogram(
+    "ksr_event_to_recommendation_seconds",
+    "From the event's Kafka timestamp to its recommendation being emitted",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+MODEL_VERSION = Gauge("ksr_model_version", "Version of the model being served")
+USERS_IN_STATE = Gauge("ksr_users_in_state", "Users with state in this worker's partitions (estimate)")
+RECOMPUTED_USERS = Counter("ksr_recomputed_users", "Users whose state was recomputed after a model swap")
+MODEL_SWAPS = Counter("ksr_model_swaps", "Model swap attempts by result", ["result"])
+
+
+def serve(host: str, port: int) -> None:
+    """Start the /metrics HTTP endpoint in a background thread."""
+    start_http_server(port, addr=host)

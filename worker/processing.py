@@ -1,0 +1,275 @@
+"""What the worker does with a batch of raw interaction events, without Kafka.
+
+`validate` turns raw bytes into an `Interaction` or a `Rejection` with a reason (for the dead-letter
+topic). `BatchProcessor.process` runs a batch: load user states, drop replayed duplicates, one
+batched model step per round (a user's second event in the same batch goes in the next round, so
+order within a user is kept), top-k minus seen items, new states to store. The Faust agent only
+moves bytes between Kafka, the table and this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.ksr import UserState
+from model.serving import Recommender
+from worker.state import StoredUser, event_id_hash, to_tensors
+
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """A valid event: `user_id` consumed `item_id` at `ts` (epoch seconds)."""
+
+    user_id: str
+    item_id: str
+    ts: float
+    event_id: str | None = None
+    type: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an event cannot be used; `reason` is a short stable code, `detail` says more."""
+
+    reason: str
+    detail: str
+
+
+def _identifier(value: object, name: str) -> str | Rejection:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return Rejection(f"bad_{name}", f"{name} must be a string or integer, got {type(value).__name__}")
+    text = str(value)
+    if not text or len(text) > MAX_ID_LENGTH:
+        return Rejection(f"bad_{name}", f"{name} must have 1 to {MAX_ID_LENGTH} characters")
+    return text
+
+
+def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
+    """Check one event against the `interactions` schema of DESIGN.md."""
+    if raw is None:
+        return Rejection("empty", "message has no value")
+    if len(raw) > max_bytes:
+        return Rejection("oversized", f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return Rejection("not_json", f"not JSON: {str(error)[:200]}")
+    if not isinstance(payload, dict):
+        return Rejection("not_object", f"expected a JSON object, got {type(payload).__name__}")
+    for name in ("user_id", "item_id", "ts"):
+        if name not in payload:
+            return Rejection(f"missing_{name}", f"required field {name!r} is missing")
+    user_id = _identifier(payload["user_id"], "user_id")
+    if isinstance(user_id, Rejection):
+        return user_id
+    item_id = _identifier(payload["item_id"], "item_id")
+    if isinstance(item_id, Rejection):
+        return item_id
+    ts = payload["ts"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(float(ts)):
+        return Rejection("bad_ts", f"ts must be a finite number of epoch seconds, got {str(ts)[:50]!r}")
+    event_id = payload.get("event_id")
+    if event_id is not None:
+        event_id = _identifier(event_id, "event_id")
+        if isinstance(event_id, Rejection):
+            return event_id
+    event_type = payload.get("type")
+    if event_type is not None and not isinstance(event_type, str):
+        return Rejection("bad_type", f"type must be a string, got {type(event_type).__name__}")
+    return Interaction(user_id, item_id, float(ts), event_id, event_type)
+
+
+@dataclass
+class Source:
+    """Where an event came from: its Kafka key, raw bytes and coordinates."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float  # Kafka message timestamp, epoch seconds
+
+
+@dataclass
+class BatchResult:
+    """What a batch produced: messages to send, states to store, and counts for metrics."""
+
+    recommendations: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value)
+    dead_letters: list[tuple[bytes | None, bytes, str]] = field(default_factory=list)  # (key, value, reason)
+    states: dict[str, StoredUser] = field(default_factory=dict)
+    duplicates: int = 0
+    new_users: int = 0
+    recomputed_users: int = 0
+    rounds: int = 0
+    step_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # event timestamp -> emit, seconds
+
+
+def dead_letter(source: Source, reason: str, detail: str) -> bytes:
+    """The dead-letter message: original bytes (as text or base64), reason and coordinates."""
+    import base64
+
+    value = source.value or b""
+    try:
+        original = value.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        original = base64.b64encode(value).decode("ascii")
+        encoding = "base64"
+    return json.dumps({
+        "reason": reason,
+        "detail": detail,
+        "original": original,
+        "original_encoding": encoding,
+        "original_key": (source.key or b"").decode("utf-8", "replace"),
+        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
+        "dead_lettered_ts": time.time(),
+    }).encode()
+
+
+class BatchProcessor:
+    """Runs batches of events through a Recommender; holds no Kafka objects."""
+
+    def __init__(
+        self,
+        recommender: Recommender,
+        top_k: int = 10,
+        history_length: int = 100,
+        recent_event_ids: int = 32,
+        max_event_bytes: int = 64 * 1024,
+    ) -> None:
+        self.recommender = recommender
+        self.top_k = top_k
+        self.history_length = history_length
+        self.recent_event_ids = recent_event_ids
+        self.max_event_bytes = max_event_bytes
+
+    def swap(self, recommender: Recommender) -> None:
+        """Serve a new model from the next batch on."""
+        self.recommender = recommender
+
+    def new_user(self) -> StoredUser:
+        """State of a user with no events under the current model."""
+        initial = self.recommender.initial_state(1)
+        return StoredUser(
+            model_version=self.recommender.version, events=0, last_ts=0.0,
+            hidden=initial.hidden[0].numpy(), memory_values=initial.memory_values[0].numpy(),
+            evidence=initial.evidence[0].numpy(), history=[], recent_ids=[],
+        )
+
+    def process(
+        self, batch: Sequence[Source], load: Callable[[str], StoredUser | None]
+    ) -> BatchResult:
+        """Process a batch in order; `load(user_id)` returns a stored state or None."""
+        result = BatchResult()
+        catalog = self.recommender.item_index
+        accepted: list[tuple[Source, Interaction, int]] = []
+        for source in batch:
+            event = validate(source.value, self.max_event_bytes)
+            if isinstance(event, Interaction) and event.item_id not in catalog:
+                event = Rejection("unknown_item", f"item_id {event.item_id!r} is not in the model's catalog")
+            if isinstance(event, Rejection):
+                result.dead_letters.append(
+                    (source.key, dead_letter(source, event.reason, event.detail), event.reason)
+                )
+                continue
+            accepted.append((source, event, catalog[event.item_id]))
+
+        users: dict[str, StoredUser] = {}
+        stale: list[str] = []
+        for _, event, _ in accepted:
+            if event.user_id in users:
+                continue
+            stored = load(event.user_id)
+            if stored is None:
+                stored = self.new_user()
+                result.new_users += 1
+            elif stored.model_version != self.recommender.version:
+                stale.append(event.user_id)
+            users[event.user_id] = stored
+        if stale:
+            self._recompute(users, stale)
+            result.recomputed_users += len(stale)
+
+        # Rounds: the n-th event of each user in this batch goes in round n.
+        rounds: list[list[tuple[Source, Interaction, int]]] = []
+        seen_in_batch: dict[str, int] = {}
+        for entry in accepted:
+            n = seen_in_batch.get(entry[1].user_id, 0)
+            seen_in_batch[entry[1].user_id] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(entry)
+
+        for round_entries in rounds:
+            fresh = []
+            for entry in round_entries:
+                event = entry[1]
+                user = users[event.user_id]
+                if event.event_id is not None and event_id_hash(event.event_id) in user.recent_ids:
+                    result.duplicates += 1
+                    continue
+                fresh.append(entry)
+            if fresh:
+                self._step(fresh, users, result)
+                result.rounds += 1
+        result.states = {u: users[u] for u in seen_in_batch}
+        return result
+
+    def _recompute(self, users: dict[str, StoredUser], stale: list[str]) -> None:
+        """Rebuild GRU state and memory from the stored last-N items under the current model."""
+        state = self.recommender.replay([users[u].history for u in stale])
+        for row, user_id in enumerate(stale):
+            user = users[user_id]
+            user.hidden = state.hidden[row].numpy()
+            user.memory_values = state.memory_values[row].numpy()
+            user.evidence = state.evidence[row].numpy()
+            user.model_version = self.recommender.version
+
+    def _step(
+        self,
+        entries: list[tuple[Source, Interaction, int]],
+        users: dict[str, StoredUser],
+        result: BatchResult,
+    ) -> None:
+        stored = [users[event.user_id] for _, event, _ in entries]
+        state = UserState(*to_tensors(stored))
+        items = torch.tensor([index for _, _, index in entries])
+        for user, (_, event, index) in zip(stored, entries):
+            user.history = (user.history + [index])[-self.history_length :]
+            if event.event_id is not None:
+                user.recent_ids = (user.recent_ids + [event_id_hash(event.event_id)])[-self.recent_event_ids :]
+            user.events += 1
+            user.last_ts = event.ts
+        started = time.perf_counter()
+        new_state, recommendations = self.recommender.advance(
+            state, items, [u.history for u in stored], self.top_k
+        )
+        result.step_seconds += time.perf_counter() - started
+        emitted = time.time()
+        for row, (user, (source, event, _), rec) in enumerate(zip(stored, entries, recommendations)):
+            user.hidden = new_state.hidden[row].numpy()
+            user.memory_values = new_state.memory_values[row].numpy()
+            user.evidence = new_state.evidence[row].numpy()
+            user.model_version = self.recommender.version
+            message = {
+                "user_id": event.user_id,
+                "items": rec.items,
+                "scores": rec.scores,
+                "model_version": self.recommender.version,
+                "explanation": rec.explanation,
+                "event_id": event.event_id,
+                "event_ts": event.ts,
+                "emitted_ts": emitted,
+            }
+            result.recommendations.append((event.user_id.encode(), json.dumps(message).encode()))
+            result.latencies.append(max(0.0, emitted - source.timestamp))

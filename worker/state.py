@@ -1,0 +1,116 @@
+"""The one place where a user's state is packed into bytes and unpacked again.
+
+Layout (little-endian), format version 1:
+
+    u8   format version (1)
+    u8   precision of the float arrays (0 = float32, 1 = float16)
+    u32  model version that produced the GRU state
+    u32  events applied so far
+    f64  timestamp of the last event
+    u16  hidden size H, u16 relations A, u16 KB dim D, u16 history length L, u16 recent ids R
+    H floats      GRU state h
+    A*D floats    memory values v_1..v_A
+    ceil(A/8) B   evidence bits (key hashing's written-slot set)
+    L x i32       the last L item indices, oldest first (seen-item filter, recomputation)
+    R x u64       hashes of the most recent event ids (replayed duplicates change nothing)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<BBIId5H")
+_PRECISIONS = {"float32": (0, np.float32), "float16": (1, np.float16)}
+_BY_CODE = {code: dtype for code, dtype in _PRECISIONS.values()}
+
+
+class StateDecodeError(ValueError):
+    """Stored bytes that are not a user state this worker can read."""
+
+
+@dataclass
+class StoredUser:
+    """One user's state as the worker keeps it between events."""
+
+    model_version: int
+    events: int
+    last_ts: float
+    hidden: np.ndarray  # (H,) float32
+    memory_values: np.ndarray  # (A, D) float32
+    evidence: np.ndarray  # (A,) float32 0/1
+    history: list[int]  # last item indices, oldest first
+    recent_ids: list[int]  # event-id hashes, oldest first
+
+
+def event_id_hash(event_id: str) -> int:
+    """A stable 64-bit hash of an event id (the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+def encode(user: StoredUser, precision: str = "float32") -> bytes:
+    """Pack a user's state; `precision` picks how the float arrays are stored."""
+    code, dtype = _PRECISIONS[precision]
+    hidden = np.ascontiguousarray(user.hidden, dtype=dtype)
+    memory = np.ascontiguousarray(user.memory_values, dtype=dtype)
+    relations, kb_dim = memory.shape if memory.ndim == 2 else (0, 0)
+    header = _HEADER.pack(
+        FORMAT_VERSION, code, user.model_version, user.events, user.last_ts,
+        hidden.shape[0], relations, kb_dim, len(user.history), len(user.recent_ids),
+    )
+    evidence = np.packbits(np.asarray(user.evidence) > 0.5, bitorder="little")
+    return b"".join((
+        header,
+        hidden.tobytes(),
+        memory.tobytes(),
+        evidence.tobytes(),
+        np.asarray(user.history, dtype="<i4").tobytes(),
+        np.asarray(user.recent_ids, dtype="<u8").tobytes(),
+    ))
+
+
+def decode(blob: bytes) -> StoredUser:
+    """Unpack bytes written by `encode`; raises StateDecodeError with what was wrong."""
+    if len(blob) < _HEADER.size:
+        raise StateDecodeError(f"user state of {len(blob)} bytes is shorter than its header")
+    version, code, model_version, events, last_ts, h, a, d, n_history, n_recent = _HEADER.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise StateDecodeError(f"user state format {version}, this worker reads {FORMAT_VERSION}")
+    if code not in _BY_CODE:
+        raise StateDecodeError(f"unknown float precision code {code}")
+    dtype = np.dtype(_BY_CODE[code])
+    sizes = [h * dtype.itemsize, a * d * dtype.itemsize, (a + 7) // 8, 4 * n_history, 8 * n_recent]
+    if len(blob) != _HEADER.size + sum(sizes):
+        raise StateDecodeError(f"user state is {len(blob)} bytes, its header implies {_HEADER.size + sum(sizes)}")
+    offset = _HEADER.size
+    parts = []
+    for size in sizes:
+        parts.append(blob[offset : offset + size])
+        offset += size
+    hidden = np.frombuffer(parts[0], dtype=dtype).astype(np.float32)
+    memory = np.frombuffer(parts[1], dtype=dtype).astype(np.float32).reshape(a, d)
+    evidence = np.unpackbits(np.frombuffer(parts[2], dtype=np.uint8), count=a, bitorder="little")
+    return StoredUser(
+        model_version=model_version,
+        events=events,
+        last_ts=last_ts,
+        hidden=hidden,
+        memory_values=memory,
+        evidence=evidence.astype(np.float32),
+        history=np.frombuffer(parts[3], dtype="<i4").tolist(),
+        recent_ids=np.frombuffer(parts[4], dtype="<u8").tolist(),
+    )
+
+
+def to_tensors(users: list[StoredUser]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack stored users into the model's (B, H), (B, A, D), (B, A) tensors."""
+    return (
+        torch.from_numpy(np.stack([u.hidden for u in users])),
+        torch.from_numpy(np.stack([u.memory_values for u in users])),
+        torch.from_numpy(np.stack([u.evidence for u in users])),
+    )

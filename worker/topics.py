@@ -1,0 +1,55 @@
+"""Create the worker's topics when absent, with matching partition counts.
+
+Co-partitioning matters: a user's events, state changelog, recommendations and dead letters all sit
+in the same partition number, so one transactional producer per partition covers them all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from worker.config import Settings
+
+
+def admin_client(settings: Settings):
+    """A kafka-python admin client with the environment's security settings."""
+    from kafka import KafkaAdminClient
+
+    return KafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.app_id}-admin",
+        request_timeout_ms=30000, **settings.kafka_security,
+    )
+
+
+def ensure_topics(settings: Settings) -> int:
+    """Create missing topics; returns the partition count of `interactions` (the one to match)."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        partitions = settings.partitions
+        if settings.interactions_topic in existing:
+            described = admin.describe_topics([settings.interactions_topic])
+            partitions = len(described[0]["partitions"]) or partitions
+            if partitions != settings.partitions:
+                print(
+                    f"ksr: {settings.interactions_topic} has {partitions} partitions (KSR_PARTITIONS="
+                    f"{settings.partitions}); matching it", file=sys.stderr,
+                )
+        wanted = {
+            settings.interactions_topic: partitions,
+            settings.recommendations_topic: partitions,
+            settings.dlq_topic: partitions,
+            settings.model_updates_topic: 1,
+        }
+        missing = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+        return partitions
+    finally:
+        admin.close()
