@@ -103,7 +103,7 @@ class Settings:
             batch_size=_positive_int("KSR_BATCH_SIZE", 256),
             batch_within_s=_positive_float("KSR_BATCH_WITHIN_MS", 10.0) / 1000,
             top_k=_positive_int("KSR_TOP_K", 10),
-            history_length=_positive_int("KSR_HISTORY_LENGTH", 100),
+            history_length=_positive_int("KSR_HISTORY_LENGTH", 1000),
             recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
             max_event_bytes=_positive_int("KSR_MAX_EVENT_BYTES", 64 * 1024),
             processing_guarantee=_choice(

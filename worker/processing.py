@@ -143,7 +143,7 @@ class BatchProcessor:
         self,
         recommender: Recommender,
         top_k: int = 10,
-        history_length: int = 100,
+        history_length: int = 1000,
         recent_event_ids: int = 32,
         max_event_bytes: int = 64 * 1024,
     ) -> None:
