@@ -29,6 +29,10 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # The project itself is installed editable per checkout, so the shared environment always
 # imports this clone's code.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" 2>&1 | grep -v -e '^\s*$' -e Warning >&2 || true
+if ! "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >"$venv/editable.log" 2>&1; then
+  cat "$venv/editable.log" >&2
+  echo "bootstrap: installing the project into $venv failed (log above)" >&2
+  exit 1
+fi
 ln -sfn "$venv" "$root/.venv"
 echo "bootstrap: environment ready at $root/.venv" >&2

@@ -109,6 +109,22 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from worker import replay
+
+    for message in replay.tail(args.topic, args.n, args.timeout):
+        if args.json:
+            _print_json(message)
+            continue
+        if "items" not in message:
+            print(json.dumps(message))
+            continue
+        why = ", ".join(f"{e['relation'].rsplit('.', 1)[-1]} {e['weight']:.2f}" for e in message["explanation"][:3])
+        print(f"user {message['user_id']:>6} after {message['event_id']}: {' '.join(message['items'])}"
+              f"  (model v{message['model_version']}; why: {why})")
+    return 0
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker import broker
 
@@ -180,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="stop after the first N events of the data set")
     p.add_argument("--skip", type=int, default=0, help="skip the first N events")
     p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("tail", help="print the latest messages of the recommendations topic")
+    p.add_argument("--topic", default=None, help="topic (default: $KSR_TOPIC_RECOMMENDATIONS)")
+    p.add_argument("-n", type=int, default=5, help="how many of the latest messages")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("broker", help="local single-node Apache Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -65,3 +65,43 @@ def replay(data: str, rate: float | None = None, limit: int | None = None, skip:
     client.close()
     bar.close()
     return sent
+
+
+def tail(topic: str | None, count: int, timeout: float) -> list[dict]:
+    """The last `count` committed messages of a topic (all partitions), oldest first."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    settings = Settings.from_env()
+    topic = topic or settings.recommendations_topic
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+        isolation_level="read_committed", consumer_timeout_ms=int(timeout * 1000),
+        **settings.kafka_security,
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        ends = consumer.end_offsets(partitions)
+        for tp in partitions:
+            consumer.seek(tp, max(0, ends[tp] - count))
+        messages = []
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        for record in consumer:
+            messages.append(record)
+            tp = TopicPartition(record.topic, record.partition)
+            if record.offset >= ends[tp] - 1:
+                remaining.discard(tp)
+            if not remaining:
+                break
+    finally:
+        consumer.close()
+    messages.sort(key=lambda r: r.timestamp)
+    out = []
+    for record in messages[-count:]:
+        try:
+            out.append(json.loads(record.value))
+        except ValueError:
+            out.append({"raw": record.value.decode("utf-8", "replace")})
+    return out
