@@ -1,0 +1,105 @@
+"""Checkpoints load safely or stop with a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import KSR, REPO
+
+from model import checkpoint
+from model.ksr import KSR as KSRModel
+from model.ksr import KSRConfig
+
+
+def tiny_checkpoint(path, **config) -> KSRModel:
+    settings = {"n_items": 6, "n_relations": 2, "kb_dim": 4, "item_dim": 4, "hidden_dim": 4, "out_dim": 4}
+    settings.update(config)
+    model = KSRModel(KSRConfig(**settings))
+    checkpoint.save(path, {"model": "ksr", "item_tokens": ["[PAD]", "a", "b", "c", "d", "e"],
+                           "relation_tokens": ["genre", "director"]}, model=model)
+    return model
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path) -> None:
+    model = tiny_checkpoint(tmp_path / "ck")
+    loaded = checkpoint.load(tmp_path / "ck")
+    assert loaded.kind == "ksr" and loaded.version == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+
+
+def test_pickled_object_in_weights_is_refused(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"item_embedding.weight": Payload()}, tmp_path / "ck" / "weights.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="could not be loaded safely"):
+        checkpoint.load(tmp_path / "ck")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_mismatched_dimensions_say_what_to_do(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta["config"]["hidden_dim"] = 8
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="weights do not match.*retrain"):
+        checkpoint.load(tmp_path / "ck")
+
+
+def test_relation_count_mismatch_is_reported(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta["relation_tokens"] = ["genre"]
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="expects 2 relations.*names 1"):
+        checkpoint.load(tmp_path / "ck")
+
+
+def test_missing_checkpoint_points_at_ksr_train(tmp_path) -> None:
+    with pytest.raises(checkpoint.CheckpointError, match="ksr train"):
+        checkpoint.load(tmp_path / "nothing-here")
+
+
+def test_save_replaces_a_checkpoint_whole(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    tiny_checkpoint(tmp_path / "ck", hidden_dim=8)
+    assert checkpoint.load(tmp_path / "ck").model.config.hidden_dim == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_worker_refuses_to_start_on_a_bad_checkpoint(tmp_path) -> None:
+    env = {**os.environ, "KSR_CHECKPOINT": str(tmp_path / "missing"), "KSR_VAR_DIR": str(tmp_path)}
+    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot serve" in result.stderr and "ksr train" in result.stderr
+
+
+def test_worker_refuses_a_bad_setting(tmp_path) -> None:
+    env = {**os.environ, "KSR_BATCH_SIZE": "lots", "KSR_VAR_DIR": str(tmp_path)}
+    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "KSR_BATCH_SIZE must be a positive integer, got 'lots'" in result.stderr
+
+
+def test_recommend_names_an_unknown_item(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    result = subprocess.run([*KSR, "recommend", "--checkpoint", str(tmp_path / "ck"), "--items", "a,zz"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "unknown item id 'zz'" in result.stderr
+
+
+def test_recommend_excludes_the_history_and_explains(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    result = subprocess.run([*KSR, "recommend", "--checkpoint", str(tmp_path / "ck"), "--items", "a,b",
+                             "--k", "3", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    payload = json.loads(result.stdout)
+    assert len(payload["items"]) == 3 and not {"a", "b"} & set(payload["items"])
+    assert {e["relation"] for e in payload["explanation"]} == {"genre", "director"}
