@@ -125,6 +125,20 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "step":
+        from model.bench import bench_step
+
+        result = bench_step(checkpoint=args.checkpoint, threads=args.threads)
+    else:
+        raise SystemExit(f"unknown benchmark {args.bench!r}")
+    if args.json:
+        _print_json(result)
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker import broker
 
@@ -203,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser("bench", help="benchmarks that print their figures")
+    p.add_argument("bench", choices=["step"])
+    p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
+    p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("broker", help="local single-node Apache Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])

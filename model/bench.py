@@ -1,0 +1,88 @@
+"""`ksr bench step`: the serving step's speed, beside recomputing a user from scratch.
+
+Measures one batched model step plus top-k over the catalog (what the worker does per batch) at
+several batch sizes, and the baseline a stateless recommender would pay: replaying a user's last
+200 events through the model for every new event. Both run in the same process, same threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from model.checkpoint import Checkpoint
+from model.ksr import KSR, KSRConfig
+from model.serving import Recommender
+
+
+def _synthetic_recommender(n_items: int, relations: int, seed: int = 0) -> Recommender:
+    """A KSR with default sizes and random KB inputs, for timing when no checkpoint is given."""
+    generator = torch.Generator().manual_seed(seed)
+    config = KSRConfig(n_items=n_items, n_relations=relations)
+    has_entity = torch.rand(n_items, generator=generator) < 0.95
+    model = KSR(
+        config,
+        torch.randn(n_items, config.kb_dim, generator=generator) * has_entity.unsqueeze(1),
+        has_entity,
+        torch.rand(n_items, relations, generator=generator) < 0.5,
+        torch.randn(relations, config.kb_dim, generator=generator),
+    ).eval()
+    meta = {"model": "ksr", "version": 1, "item_tokens": ["[PAD]"] + [str(i) for i in range(1, n_items)],
+            "relation_tokens": [f"r{a}" for a in range(relations)]}
+    return Recommender(Checkpoint(meta, model, None))
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_step(
+    checkpoint: str | None = None,
+    n_items: int = 1683,
+    relations: int = 10,
+    batches: tuple[int, ...] = (1, 64, 512),
+    history: int = 200,
+    repeats: int = 20,
+    threads: int = 1,
+    k: int = 10,
+) -> dict:
+    """Events per second of step + top-k per batch size, and the speedup over recomputation."""
+    torch.set_num_threads(threads)
+    recommender = Recommender.load(checkpoint) if checkpoint else _synthetic_recommender(n_items, relations)
+    catalog = recommender.n_items
+    generator = torch.Generator().manual_seed(1)
+    result: dict = {"catalog": catalog - 1, "threads": threads, "k": k, "history": history,
+                    "model": recommender.model.config.to_dict()}
+    per_event = {}
+    for batch in batches:
+        histories = torch.randint(1, catalog, (batch, 20), generator=generator)
+        state = recommender.model.replay(histories)
+        seen = histories.tolist()
+        items = torch.randint(1, catalog, (batch,), generator=generator)
+        seconds = _median_seconds(lambda: recommender.advance(state, items, seen, k), repeats)
+        per_event[batch] = seconds / batch
+        result[f"events_per_s_batch_{batch}"] = round(batch / seconds, 1)
+
+    long_history = torch.randint(1, catalog, (1, history), generator=generator)
+    seen_long = long_history.tolist()
+
+    def recompute() -> None:
+        state = recommender.model.replay(long_history)
+        recommender.rank(state, seen_long, k)
+
+    recompute_seconds = _median_seconds(recompute, max(3, repeats // 4))
+    result["recompute_ms_per_event"] = round(recompute_seconds * 1000, 3)
+    largest = max(batches)
+    result["step_ms_per_event_at_largest_batch"] = round(per_event[largest] * 1000, 4)
+    result["speedup_vs_recompute"] = round(recompute_seconds / per_event[largest], 1)
+    result["events_per_s"] = {str(b): result.pop(f"events_per_s_batch_{b}") for b in batches}
+    return result
