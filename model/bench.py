@@ -68,7 +68,9 @@ def bench_step(
         state = recommender.model.replay(histories)
         seen = histories.tolist()
         items = torch.randint(1, catalog, (batch,), generator=generator)
-        seconds = _median_seconds(lambda: recommender.advance(state, items, seen, k), repeats)
+        seconds = _median_seconds(
+            lambda state=state, items=items, seen=seen: recommender.advance(state, items, seen, k), repeats
+        )
         per_event[batch] = seconds / batch
         result[f"events_per_s_batch_{batch}"] = round(batch / seconds, 1)
 

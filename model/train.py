@@ -153,12 +153,13 @@ def train(
     out: str | Path,
     config: TrainConfig = TrainConfig(),
     model_config: KSRConfig | None = None,
-    transe: TransEConfig = TransEConfig(),
+    transe: TransEConfig | None = None,
 ) -> dict:
     """Train a model on the leave-one-out split, save the best epoch as a checkpoint at `out`.
 
     Returns the checkpoint's metadata (which includes validation and test metrics).
     """
+    transe = transe or TransEConfig()
     torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     split = LeaveOneOut.from_dataset(dataset)

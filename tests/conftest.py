@@ -68,11 +68,11 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.env['KSR_METRICS_PORT']}/metrics"
 
     def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [*KSR, "worker", "--loglevel", "info"], cwd=REPO, env=self.env, stdout=log, stderr=log,
-            start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [*KSR, "worker", "--loglevel", "info"], cwd=REPO, env=self.env, stdout=log, stderr=log,
+                start_new_session=True,
+            )
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
@@ -123,8 +123,7 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float, worker: Work
     deadline = time.monotonic() + timeout
     try:
         while len(messages) < count and time.monotonic() < deadline:
-            for message in consumer:
-                messages.append(message)
+            messages.extend(consumer)
             if worker is not None and worker.process is not None and worker.process.poll() is not None:
                 raise AssertionError(f"worker exited early:\n{worker.log()[-3000:]}")
     finally:

@@ -77,14 +77,16 @@ def test_save_replaces_a_checkpoint_whole(tmp_path) -> None:
 
 def test_worker_refuses_to_start_on_a_bad_checkpoint(tmp_path) -> None:
     env = {**os.environ, "KSR_CHECKPOINT": str(tmp_path / "missing"), "KSR_VAR_DIR": str(tmp_path)}
-    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 2
     assert "cannot serve" in result.stderr and "ksr train" in result.stderr
 
 
 def test_worker_refuses_a_bad_setting(tmp_path) -> None:
     env = {**os.environ, "KSR_BATCH_SIZE": "lots", "KSR_VAR_DIR": str(tmp_path)}
-    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 2
     assert "KSR_BATCH_SIZE must be a positive integer, got 'lots'" in result.stderr
 
@@ -92,14 +94,16 @@ def test_worker_refuses_a_bad_setting(tmp_path) -> None:
 def test_recommend_names_an_unknown_item(tmp_path) -> None:
     tiny_checkpoint(tmp_path / "ck")
     result = subprocess.run([*KSR, "recommend", "--checkpoint", str(tmp_path / "ck"), "--items", "a,zz"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode != 0 and "unknown item id 'zz'" in result.stderr
 
 
 def test_recommend_excludes_the_history_and_explains(tmp_path) -> None:
     tiny_checkpoint(tmp_path / "ck")
     result = subprocess.run([*KSR, "recommend", "--checkpoint", str(tmp_path / "ck"), "--items", "a,b",
-                             "--k", "3", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--k", "3", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)
     payload = json.loads(result.stdout)
     assert len(payload["items"]) == 3 and not {"a", "b"} & set(payload["items"])
     assert {e["relation"] for e in payload["explanation"]} == {"genre", "director"}
