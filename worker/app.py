@@ -11,6 +11,7 @@ all commit in that partition's one Kafka transaction.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import weakref
@@ -30,6 +31,20 @@ log = logging.getLogger("ksr.worker")
 def broker_urls(bootstrap_servers: str) -> list[str]:
     """Faust wants kafka://host:port URLs."""
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+
+
+def aiokafka_security(settings: Settings) -> dict:
+    """aiokafka client arguments from the shared KAFKA_* security settings."""
+    security = dict(settings.kafka_security)
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if "SSL" in protocol:
+        from aiokafka.helpers import create_ssl_context
+
+        security["ssl_context"] = create_ssl_context(
+            cafile=security.pop("ssl_cafile", None), certfile=security.pop("ssl_certfile", None),
+            keyfile=security.pop("ssl_keyfile", None),
+        )
+    return security
 
 
 def faust_credentials(settings: Settings):
@@ -101,6 +116,8 @@ class Worker:
             self._agent
         )
         self.app.timer(10.0)(self._count_users)
+        self.app.task(self._watch_model_updates)
+        self.pending: Recommender | None = None
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -125,8 +142,58 @@ class Worker:
             log.warning("user %r: unreadable state (%s); starting fresh", user_id, error)
             return None
 
+    async def _watch_model_updates(self) -> None:
+        """Follow `model-updates` (every worker reads every announcement: no consumer group) and
+        load each newer version off the event loop; `handle` swaps it in between batches."""
+        import asyncio
+
+        from aiokafka import AIOKafkaConsumer
+
+        from model.checkpoint import CheckpointError
+
+        consumer = AIOKafkaConsumer(
+            self.settings.model_updates_topic, bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=None, auto_offset_reset="latest", **aiokafka_security(self.settings),
+        )
+        await consumer.start()
+        try:
+            async for record in consumer:
+                try:
+                    update = json.loads(record.value)
+                    version, path = int(update["version"]), str(update["checkpoint"])
+                except (ValueError, KeyError, TypeError) as error:
+                    log.error("model-updates: unreadable announcement (%s): %r", error, record.value[:200])
+                    metrics.MODEL_SWAPS.labels("bad_announcement").inc()
+                    continue
+                current = (self.pending or self.processor.recommender).version
+                if version <= current:
+                    continue
+                try:
+                    recommender = await asyncio.to_thread(Recommender.load, path)
+                except CheckpointError as error:
+                    log.error("model v%s at %s failed to load; still serving v%s: %s", version, path,
+                              current, error)
+                    metrics.MODEL_SWAPS.labels("failed").inc()
+                    continue
+                if recommender.item_tokens != self.processor.recommender.item_tokens:
+                    log.error("model v%s has another catalog; still serving v%s", version, current)
+                    metrics.MODEL_SWAPS.labels("failed").inc()
+                    continue
+                self.pending = recommender
+                log.info("model v%s loaded from %s; swapping in at the next batch", version, path)
+        finally:
+            await consumer.stop()
+
     async def handle(self, events) -> None:
         """Process one batch of Faust events from a single partition."""
+        if self.pending is not None:
+            # Between batches: this batch and all later ones use the new model; users whose state
+            # came from an older version are recomputed from their stored history on their next event.
+            self.processor.swap(self.pending)
+            metrics.MODEL_VERSION.set(self.pending.version)
+            metrics.MODEL_SWAPS.labels("swapped").inc()
+            log.info("now serving model v%s", self.pending.version)
+            self.pending = None
         sources = [
             Source(e.message.key, e.message.value, e.message.topic, e.message.partition,
                    e.message.offset, e.message.timestamp)

@@ -139,6 +139,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from worker import finetune
+
+    return finetune.run(once=args.once)
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     from worker import broker
 
@@ -224,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("finetune", help="fine-tune from the replayed stream (Procfile `finetune:`)")
+    p.add_argument("--once", action="store_true", help="run one round, print its JSON result, exit")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("broker", help="local single-node Apache Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])
