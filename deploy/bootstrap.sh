@@ -27,12 +27,29 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r "$venv/requirements.txt"
   touch "$venv/.complete"
 fi
-# The project itself is installed editable per checkout, so the shared environment always
-# imports this clone's code.
-if ! "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >"$venv/editable.log" 2>&1; then
-  cat "$venv/editable.log" >&2
-  echo "bootstrap: installing the project into $venv failed (log above)" >&2
-  exit 1
+# Older bootstraps installed the project editable into the shared environment; that pinned every
+# checkout to one clone's code.
+if ls "$venv"/lib/python3*/site-packages/__editable__*ksr_stream* >/dev/null 2>&1; then
+  "$venv/bin/pip" uninstall -y -q ksr-stream >&2
 fi
-ln -sfn "$venv" "$root/.venv"
-echo "bootstrap: environment ready at $root/.venv" >&2
+# Each checkout gets its own tiny environment at .venv that sees the shared dependencies and this
+# checkout's code through .pth files, so two clones on one machine never import each other's code.
+local="$root/.venv"
+if [ -L "$local" ]; then rm -f "$local"; fi
+if [ ! -x "$local/bin/python" ]; then
+  "$python" -m venv --without-pip "$local"
+fi
+site=$("$local/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+shared=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir (not a plain path line) so the shared folder's own .pth files are honoured too.
+printf 'import site; site.addsitedir(%s)\n' "'$shared'" > "$site/_ksr_shared_dependencies.pth"
+printf '%s\n' "$root" > "$site/_ksr_checkout.pth"
+cat > "$local/bin/ksr" <<PY
+#!$local/bin/python
+import sys
+from worker.cli import main
+sys.exit(main())
+PY
+chmod +x "$local/bin/ksr"
+for tool in ruff honcho; do ln -sfn "$venv/bin/$tool" "$local/bin/$tool"; done
+echo "bootstrap: environment ready at $local (dependencies: $venv)" >&2

@@ -130,6 +130,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from model.bench import bench_step
 
         result = bench_step(checkpoint=args.checkpoint, threads=args.threads)
+    elif args.bench == "throughput":
+        from worker.bench import bench_throughput
+
+        result = bench_throughput(checkpoint=args.checkpoint, events=args.events)
     else:
         raise SystemExit(f"unknown benchmark {args.bench!r}")
     if args.json:
@@ -225,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("bench", choices=["step"])
+    p.add_argument("bench", choices=["step", "throughput"])
+    p.add_argument("--events", type=int, default=20000, help="throughput: backlog size")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
     p.add_argument("--json", action="store_true")

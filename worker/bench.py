@@ -1,0 +1,249 @@
+"""`ksr bench throughput`: the worker beside the raw Kafka pipe it sits on, in one run.
+
+(a) raw pipe: an aiokafka consumer feeding an aiokafka producer, no model: the ceiling.
+(b) the worker end to end (`ksr worker` as a subprocess), same broker, partitions, input messages
+    and output message size.
+Both drain the same pre-produced backlog (saturation); then the worker is fed at half its
+saturated rate to measure latency from an event's produce time to its recommendation arriving at a
+consumer. Bounded in events and seconds; loopback broker only (KAFKA_BOOTSTRAP_SERVERS is honoured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from worker.config import REPO_ROOT, Settings
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _events(dataset, count: int, offset: int = 0) -> list[tuple[bytes, dict]]:
+    """`count` real events cycling through the data set, with unique event ids."""
+    out = []
+    for n in range(count):
+        position = (offset + n) % dataset.n_events
+        user = dataset.user_tokens[dataset.users[position]]
+        out.append((user.encode(), {
+            "user_id": user, "item_id": dataset.item_tokens[dataset.items[position]],
+            "ts": float(dataset.timestamps[position]), "event_id": f"bench-{offset + n}", "type": "rating",
+        }))
+    return out
+
+
+def _produce(bootstrap: str, topic: str, events: list[tuple[bytes, dict]], security: dict) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10, batch_size=256 * 1024,
+                             **security)
+    for key, event in events:
+        producer.send(topic, key=key, value=json.dumps(event).encode())
+    producer.flush()
+    producer.close()
+
+
+def _create_topics(settings: Settings, names: list[str], partitions: int) -> None:
+    from kafka.admin import NewTopic
+
+    from worker.topics import admin_client
+
+    admin = admin_client(settings)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+    finally:
+        admin.close()
+
+
+async def _raw_pipe(settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float) -> float:
+    """Consume `count` messages and produce one `reply`-sized message each; events per second."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from worker.app import aiokafka_security
+
+    security = aiokafka_security(settings)
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=settings.bootstrap_servers,
+                                group_id=f"raw-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest",
+                                enable_auto_commit=True, **security)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **security)
+    await consumer.start()
+    await producer.start()
+    seen, started = 0, None
+    deadline = time.monotonic() + timeout
+    try:
+        while seen < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+            for tp, records in batches.items():
+                if started is None:
+                    started = time.perf_counter()
+                for record in records:
+                    await producer.send(sink, key=record.key, value=reply, partition=tp.partition)
+                seen += len(records)
+        await producer.flush()
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    if seen < count:
+        raise RuntimeError(f"raw pipe saw {seen} of {count} events within {timeout}s")
+    return count / elapsed
+
+
+def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None) -> list:
+    """Read `count` committed messages of `topic` from the start; (receive time, record) pairs."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, isolation_level="read_committed",
+                             consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
+    out = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            for record in consumer:
+                out.append((time.time(), record))
+                if len(out) >= count:
+                    break
+            if process is not None and process.poll() is not None:
+                raise RuntimeError("the worker exited during the benchmark")
+    finally:
+        consumer.close()
+    if len(out) < count:
+        raise RuntimeError(f"{topic}: {len(out)} of {count} messages within {timeout}s")
+    return out
+
+
+def bench_throughput(
+    checkpoint: str | None = None,
+    events: int = 20000,
+    latency_events: int = 3000,
+    partitions: int = 4,
+    timeout: float = 600.0,
+    worker_env: dict | None = None,
+) -> dict:
+    """Run (a) and (b) and the latency phase; returns the figures."""
+    from model.data import load
+
+    base = Settings.from_env()
+    checkpoint = checkpoint or str(base.checkpoint)
+    dataset = load("ml-100k")
+    tag = uuid.uuid4().hex[:8]
+    names = {k: f"bench{tag}.{k}" for k in ("raw-in", "raw-out", "in", "out", "dlq", "updates")}
+    _create_topics(base, list(names.values()), partitions)
+    backlog = _events(dataset, events)
+    _log(f"producing {events} events to two input topics ({partitions} partitions)")
+    _produce(base.bootstrap_servers, names["raw-in"], backlog, base.kafka_security)
+    _produce(base.bootstrap_servers, names["in"], backlog, base.kafka_security)
+
+    state_dir = Path(tempfile.mkdtemp(prefix="ksr-bench-"))
+    env = {
+        **os.environ, "KSR_APP_ID": f"bench-{tag}", "KSR_TOPIC_INTERACTIONS": names["in"],
+        "KSR_TOPIC_RECOMMENDATIONS": names["out"], "KSR_TOPIC_DLQ": names["dlq"],
+        "KSR_TOPIC_MODEL_UPDATES": names["updates"], "KSR_CHECKPOINT": checkpoint,
+        "KSR_STATE_DIR": str(state_dir), "KSR_METRICS_PORT": os.environ.get("KSR_BENCH_METRICS_PORT", "9474"),
+        **(worker_env or {}),
+    }
+    _log("(b) worker: draining the backlog")
+    log_path = state_dir / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT, env=env,
+                                  stdout=log, stderr=log, start_new_session=True)
+    try:
+        outputs = _drain(base, names["out"], events, timeout, worker)
+        stamps = sorted(record.timestamp / 1000 for _, record in outputs)
+        worker_eps = (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+        reply = max((record.value for _, record in outputs[:100]), key=len)
+
+        rate = worker_eps / 2
+        _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
+        latency_events = min(latency_events, int(rate * 30) or 1)  # at most ~30 s of load
+        paced = _events(dataset, latency_events, offset=events)
+        latencies = _paced_latencies(base, names, paced, rate, events, timeout, worker)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+    _log("(a) raw aiokafka pipe: draining the same backlog")
+    raw_eps = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
+    latencies.sort()
+
+    def percentile(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 2)
+
+    return {
+        "raw_pipe_eps": round(raw_eps, 1),
+        "worker_eps": round(worker_eps, 1),
+        "ratio": round(worker_eps / raw_eps, 3),
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+        "latency_rate_eps": round(rate, 1),
+        "latency_events": len(latencies),
+        "events": events,
+        "partitions": partitions,
+        "catalog": dataset.n_items - 1,
+        "output_bytes": len(reply),
+        "processing_guarantee": env.get("KSR_PROCESSING_GUARANTEE", base.processing_guarantee),
+    }
+
+
+def _paced_latencies(base: Settings, names: dict, paced: list, rate: float, already: int, timeout: float,
+                     worker) -> list[float]:
+    """Produce at `rate` with a consumer already at the end of the output topic; latency = arrival
+    at that consumer - produce time."""
+    import threading
+
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=base.bootstrap_servers, enable_auto_commit=False,
+                             isolation_level="read_committed", fetch_max_wait_ms=5, **base.kafka_security)
+    tps = [TopicPartition(names["out"], p) for p in sorted(consumer.partitions_for_topic(names["out"]))]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)  # resolve the end offsets now, before anything new arrives
+    producer = KafkaProducer(bootstrap_servers=base.bootstrap_servers, acks=1, linger_ms=0,
+                             **base.kafka_security)
+    sent_at: dict[str, float] = {}
+
+    def send_all() -> None:
+        started = time.perf_counter()
+        for n, (key, event) in enumerate(paced):
+            ahead = n / rate - (time.perf_counter() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+            sent_at[event["event_id"]] = time.time()
+            producer.send(names["in"], key=key, value=json.dumps(event).encode())
+        producer.flush()
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    latencies = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(latencies) < len(paced) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=100).values():
+                arrived = time.time()
+                for record in records:
+                    event_id = json.loads(record.value)["event_id"]
+                    if event_id in sent_at:
+                        latencies.append(arrived - sent_at[event_id])
+            if worker.poll() is not None:
+                raise RuntimeError("the worker exited during the latency phase")
+    finally:
+        sender.join()
+        producer.close()
+        consumer.close()
+    if len(latencies) < len(paced):
+        raise RuntimeError(f"latency phase: {len(latencies)} of {len(paced)} recommendations within {timeout}s")
+    return latencies
