@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import checkpoint as checkpoints
@@ -90,26 +91,30 @@ class Recommender:
         """Top-k unseen items and the explanation for each user of a batch of states."""
         scores, weights = self.model.score(state, self.item_vectors)  # (B, N), (B, A)
         scores[:, 0] = float("-inf")
-        rows = torch.repeat_interleave(torch.arange(len(seen)), torch.tensor([len(s) for s in seen]))
-        if len(rows):
-            scores[rows, torch.tensor([i for s in seen for i in s], dtype=torch.long)] = float("-inf")
+        lengths = [len(s) for s in seen]
+        if sum(lengths):
+            rows = np.repeat(np.arange(len(seen)), lengths)
+            cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen])
+            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
         k = min(k, self.n_items - 1)
         top_scores, top_items = torch.topk(scores, k, dim=1)
+        tokens = self.item_tokens
         results = []
-        for row in range(len(seen)):
-            finite = torch.isfinite(top_scores[row])
+        for row_scores, row_items, row_weights in zip(top_scores.tolist(), top_items.tolist(), weights.tolist()):
+            # -inf marks a catalog exhausted by the seen filter: fewer than k items are left.
+            kept = [(tokens[i], round(v, 6)) for v, i in zip(row_scores, row_items) if v != float("-inf")]
             results.append(
                 Recommendation(
-                    items=[self.item_tokens[i] for i in top_items[row][finite].tolist()],
-                    scores=[round(s, 6) for s in top_scores[row][finite].tolist()],
-                    explanation=self.explain(weights[row]),
+                    items=[t for t, _ in kept],
+                    scores=[v for _, v in kept],
+                    explanation=self._explain(row_weights),
                 )
             )
         return results
 
-    def explain(self, weights: torch.Tensor) -> list[dict]:
+    def _explain(self, weights: list[float]) -> list[dict]:
         """Relation weights, largest first: how much each relation drives the user's next pick."""
-        pairs = sorted(zip(self.relation_tokens, weights.tolist()), key=lambda p: -p[1])
+        pairs = sorted(zip(self.relation_tokens, weights), key=lambda p: -p[1])
         return [{"relation": relation, "weight": round(weight, 6)} for relation, weight in pairs]
 
     def lookup(self, tokens: Sequence[str]) -> list[int]:

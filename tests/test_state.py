@@ -15,7 +15,7 @@ def sample_user(relations: int = 10, kb_dim: int = 64, hidden: int = 128) -> Sto
         hidden=rng.standard_normal(hidden).astype(np.float32),
         memory_values=rng.standard_normal((relations, kb_dim)).astype(np.float32),
         evidence=(rng.random(relations) < 0.5).astype(np.float32),
-        history=[5, 1682, 3], recent_ids=[event_id_hash("a"), event_id_hash("b")],
+        history=np.array([5, 1682, 3], dtype=np.int32), recent_ids=[event_id_hash("a"), event_id_hash("b")],
     )
 
 
@@ -28,7 +28,7 @@ def test_float32_state_round_trips_exactly() -> None:
     assert np.array_equal(back.memory_values, user.memory_values)
     assert np.array_equal(back.evidence, user.evidence)
     assert (back.model_version, back.events, back.last_ts) == (7, 3, 874965758.5)
-    assert back.history == [5, 1682, 3] and back.recent_ids == user.recent_ids
+    assert back.history.tolist() == [5, 1682, 3] and back.recent_ids == user.recent_ids
 
 
 def test_float16_state_is_smaller_and_close() -> None:

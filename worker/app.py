@@ -1,12 +1,12 @@
 """The Faust app: topics and the user-state table declared once, one thin agent.
 
-Data path: `interactions` -> agent (batches via take_events, one actor per partition) ->
+Data path: `interactions` -> agent (batches via take_events, one model step per batch) ->
 BatchProcessor (validate, load states, model step, top-k) -> `recommendations` / `interactions.dlq`,
 and the new states into the `user-state` table (RocksDB via rocksdict, with its changelog topic).
 
-Every message a batch produces goes to the batch's own partition number, so with exactly-once
-processing the recommendations, dead letters, changelog writes and the input offsets of a partition
-all commit in that partition's one Kafka transaction.
+Every message goes to the partition number of the event it answers, so with exactly-once processing
+the recommendations, dead letters, changelog writes and input offsets of a partition all commit in
+that partition's one Kafka transaction.
 """
 
 from __future__ import annotations
@@ -89,6 +89,9 @@ class Worker:
             store="rocksdb://",
             datadir=str(settings.state_dir),
             processing_guarantee=settings.processing_guarantee,
+            # With exactly-once, recommendations become visible to read_committed consumers when the
+            # transaction commits, so the commit interval bounds the latency they see.
+            broker_commit_interval=settings.commit_interval_s,
             topic_partitions=partitions,
             topic_replication_factor=1,
             consumer_auto_offset_reset="earliest",
@@ -112,7 +115,7 @@ class Worker:
         # (worker.state), so override before the store and changelog topic are created.
         self.user_state.key_serializer = "raw"
         self.user_state.value_serializer = "raw"
-        self.app.agent(self.interactions, name="process-interactions", isolated_partitions=True)(
+        self.app.agent(self.interactions, name="process-interactions")(
             self._agent
         )
         self.app.timer(10.0)(self._count_users)
@@ -122,15 +125,7 @@ class Worker:
 
     async def _agent(self, stream) -> None:
         async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
-            # take_events leaves no current event in this task, but table writes need one to pick
-            # the RocksDB partition and the changelog partition. All events of an isolated actor's
-            # batch share one partition, so any of them will do. Only this task's context variable
-            # is set: the stream's own attribute belongs to its background buffering task.
-            token = _current_event.set(weakref.ref(events[-1]))
-            try:
-                await self.handle(events)
-            finally:
-                _current_event.reset(token)
+            await self.handle(events)
 
     def _load(self, user_id: str) -> StoredUser | None:
         blob = self.user_state.get(user_id.encode())
@@ -185,7 +180,7 @@ class Worker:
             await consumer.stop()
 
     async def handle(self, events) -> None:
-        """Process one batch of Faust events from a single partition."""
+        """Process one batch of Faust events (from any of the assigned partitions)."""
         if self.pending is not None:
             # Between batches: this batch and all later ones use the new model; users whose state
             # came from an older version are recomputed from their stored history on their next event.
@@ -199,14 +194,25 @@ class Worker:
                    e.message.offset, e.message.timestamp)
             for e in events
         ]
-        partition = sources[0].partition
+        # One model step for the whole batch, whichever partitions its events came from.
         result = self.processor.process(sources, self._load)
+        event_of_partition = {e.message.partition: e for e in events}
         precision = self.settings.state_precision
-        for user_id, stored in result.states.items():
-            self.user_state[user_id.encode()] = encode(stored, precision)
-        for key, value in result.recommendations:
+        for partition, event in event_of_partition.items():
+            # Table writes pick the RocksDB partition and the changelog partition from the current
+            # event, which take_events does not set in this task: set it to one of the partition's own
+            # events (only this task's context variable; the stream's attribute belongs to its
+            # buffering task).
+            token = _current_event.set(weakref.ref(event))
+            try:
+                for user_id, (user_partition, stored) in result.states.items():
+                    if user_partition == partition:
+                        self.user_state[user_id.encode()] = encode(stored, precision)
+            finally:
+                _current_event.reset(token)
+        for partition, key, value in result.recommendations:
             await self.recommendations.send(key=key, value=value, partition=partition)
-        for key, value, reason in result.dead_letters:
+        for partition, key, value, reason in result.dead_letters:
             await self.dead_letters.send(key=key, value=value, partition=partition)
             metrics.DEAD_LETTERS.labels(reason).inc()
         metrics.BATCH_SIZE.observe(len(sources))
@@ -262,7 +268,11 @@ def run(checkpoint: str | None = None, loglevel: str = "info") -> int:
         file=sys.stderr,
     )
     worker = Worker(settings, recommender, partitions)
-    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    runner = faust.Worker(worker.app, loglevel=loglevel, quiet=True)
+    # Faust's terminal spinner sets the root logger to DEBUG so that it turns on every record; every
+    # debug call in aiokafka then builds a LogRecord on the hot path. No spinner, no such cost.
+    runner.spinner = None
+    runner.execute_from_commandline()
     return 0
 
 

@@ -81,6 +81,7 @@ class Settings:
     recent_event_ids: int
     max_event_bytes: int
     processing_guarantee: str
+    commit_interval_s: float
     state_precision: str
     kafka_security: dict = field(default_factory=dict)
 
@@ -109,6 +110,7 @@ class Settings:
             processing_guarantee=_choice(
                 "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")
             ),
+            commit_interval_s=_positive_float("KSR_COMMIT_INTERVAL_MS", 100.0) / 1000,
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16")),
             kafka_security=kafka_security_from_env(),
         )

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from model.ksr import UserState
@@ -103,9 +104,11 @@ class Source:
 class BatchResult:
     """What a batch produced: messages to send, states to store, and counts for metrics."""
 
-    recommendations: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value)
-    dead_letters: list[tuple[bytes | None, bytes, str]] = field(default_factory=list)  # (key, value, reason)
-    states: dict[str, StoredUser] = field(default_factory=dict)
+    # Each output carries the partition of the event it answers, so that it goes to that partition
+    # number and joins that partition's transaction.
+    recommendations: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (partition, key, value)
+    dead_letters: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (.., reason)
+    states: dict[str, tuple[int, StoredUser]] = field(default_factory=dict)  # user -> (partition, state)
     duplicates: int = 0
     new_users: int = 0
     recomputed_users: int = 0
@@ -163,7 +166,7 @@ class BatchProcessor:
         return StoredUser(
             model_version=self.recommender.version, events=0, last_ts=0.0,
             hidden=initial.hidden[0].numpy(), memory_values=initial.memory_values[0].numpy(),
-            evidence=initial.evidence[0].numpy(), history=[], recent_ids=[],
+            evidence=initial.evidence[0].numpy(), history=np.zeros(0, dtype=np.int32), recent_ids=[],
         )
 
     def process(
@@ -179,7 +182,7 @@ class BatchProcessor:
                 event = Rejection("unknown_item", f"item_id {event.item_id!r} is not in the model's catalog")
             if isinstance(event, Rejection):
                 result.dead_letters.append(
-                    (source.key, dead_letter(source, event.reason, event.detail), event.reason)
+                    (source.partition, source.key, dead_letter(source, event.reason, event.detail), event.reason)
                 )
                 continue
             accepted.append((source, event, catalog[event.item_id]))
@@ -203,7 +206,9 @@ class BatchProcessor:
         # Rounds: the n-th event of each user in this batch goes in round n.
         rounds: list[list[tuple[Source, Interaction, int]]] = []
         seen_in_batch: dict[str, int] = {}
+        partition_of: dict[str, int] = {}
         for entry in accepted:
+            partition_of[entry[1].user_id] = entry[0].partition
             n = seen_in_batch.get(entry[1].user_id, 0)
             seen_in_batch[entry[1].user_id] = n + 1
             if n == len(rounds):
@@ -222,7 +227,7 @@ class BatchProcessor:
             if fresh:
                 self._step(fresh, users, result)
                 result.rounds += 1
-        result.states = {u: users[u] for u in seen_in_batch}
+        result.states = {u: (partition_of[u], users[u]) for u in seen_in_batch}
         return result
 
     def _recompute(self, users: dict[str, StoredUser], stale: list[str]) -> None:
@@ -245,7 +250,7 @@ class BatchProcessor:
         state = UserState(*to_tensors(stored))
         items = torch.tensor([index for _, _, index in entries])
         for user, (_, event, index) in zip(stored, entries):
-            user.history = (user.history + [index])[-self.history_length :]
+            user.history = np.append(user.history, np.int32(index))[-self.history_length :]
             if event.event_id is not None:
                 user.recent_ids = (user.recent_ids + [event_id_hash(event.event_id)])[-self.recent_event_ids :]
             user.events += 1
@@ -271,5 +276,7 @@ class BatchProcessor:
                 "event_ts": event.ts,
                 "emitted_ts": emitted,
             }
-            result.recommendations.append((event.user_id.encode(), json.dumps(message).encode()))
+            result.recommendations.append(
+                (source.partition, event.user_id.encode(), json.dumps(message).encode())
+            )
             result.latencies.append(max(0.0, emitted - source.timestamp))

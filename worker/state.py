@@ -44,7 +44,7 @@ class StoredUser:
     hidden: np.ndarray  # (H,) float32
     memory_values: np.ndarray  # (A, D) float32
     evidence: np.ndarray  # (A,) float32 0/1
-    history: list[int]  # last item indices, oldest first
+    history: np.ndarray  # (L,) int32, the last item indices, oldest first
     recent_ids: list[int]  # event-id hashes, oldest first
 
 
@@ -102,7 +102,7 @@ def decode(blob: bytes) -> StoredUser:
         hidden=hidden,
         memory_values=memory,
         evidence=evidence.astype(np.float32),
-        history=np.frombuffer(parts[3], dtype="<i4").tolist(),
+        history=np.frombuffer(parts[3], dtype="<i4").astype(np.int32),
         recent_ids=np.frombuffer(parts[4], dtype="<u8").tolist(),
     )
 
