@@ -65,7 +65,7 @@ def train_transe(
     entities.requires_grad_(True)
     relations.requires_grad_(True)
     optimizer = torch.optim.Adam([entities, relations], lr=config.lr)
-    data = torch.as_tensor(triples, dtype=torch.long)
+    data = torch.tensor(triples, dtype=torch.long)  # a copy: dataset arrays are read-only
     loss_value = float("nan")
     for epoch in range(config.epochs):
         order = torch.randperm(len(data), generator=generator)
