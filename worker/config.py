@@ -82,8 +82,9 @@ class Settings:
     max_event_bytes: int
     processing_guarantee: str
     commit_interval_s: float
+    session_timeout_s: float
     state_precision: str
-    kafka_security: dict = field(default_factory=dict)
+    kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -111,6 +112,7 @@ class Settings:
                 "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")
             ),
             commit_interval_s=_positive_float("KSR_COMMIT_INTERVAL_MS", 100.0) / 1000,
+            session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16")),
             kafka_security=kafka_security_from_env(),
         )
@@ -142,4 +144,24 @@ def kafka_security_from_env() -> dict:
     allowed = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     if protocol not in allowed:
         raise ConfigError(f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(allowed)}, got {protocol!r}")
+    # A setting the protocol would silently ignore (credentials sent nowhere) is a mistake.
+    for var, key in mapping.items():
+        if key.startswith("sasl_") and key in settings and not protocol.startswith("SASL_"):
+            raise ConfigError(f"{var} is set but KAFKA_SECURITY_PROTOCOL is {protocol}: use SASL_PLAINTEXT "
+                              "or SASL_SSL")
+        if key.startswith("ssl_") and key in settings and "SSL" not in protocol:
+            raise ConfigError(f"{var} is set but KAFKA_SECURITY_PROTOCOL is {protocol}: use SSL or SASL_SSL")
+        if key.startswith("ssl_") and key in settings and not (
+            os.path.isfile(settings[key]) and os.access(settings[key], os.R_OK)
+        ):
+            raise ConfigError(f"{var} must name a readable file, got {settings[key]!r}")
+    if protocol.startswith("SASL_"):
+        # kafka-python has no default mechanism; aiokafka and Faust default to PLAIN.
+        mechanism = settings.setdefault("sasl_mechanism", "PLAIN")
+        mechanisms = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        if mechanism not in mechanisms:
+            raise ConfigError(f"KAFKA_SASL_MECHANISM must be one of {', '.join(mechanisms)}, got {mechanism!r}")
+        for var in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"):
+            if not os.environ.get(var):
+                raise ConfigError(f"{var} must be set when KAFKA_SECURITY_PROTOCOL is {protocol}")
     return settings

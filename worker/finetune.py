@@ -164,7 +164,7 @@ def run_round(settings: Settings, schedule: FinetuneSchedule, config=None) -> di
         raise checkpoints.CheckpointError(f"{settings.checkpoint}: a pop checkpoint cannot be fine-tuned")
     window = read_window(settings, time.time() - schedule.window_s)
     catalog = {token: i for i, token in enumerate(champion.item_tokens)}
-    events = [(e.user_id, catalog[e.item_id], e.ts) for e in window if e.item_id in catalog]
+    events = [(e.user_id, catalog[e.item_id], e.ts) for e in window if catalog.get(e.item_id)]  # not [PAD]
     result: dict = {"window_events": len(events), "champion_version": champion.version}
     if len(events) < 100:
         result.update(result="skipped", reason=f"only {len(events)} usable events in the window")

@@ -23,6 +23,12 @@ from model.serving import Recommender
 from worker.state import StoredUser, event_id_hash, to_tensors
 
 MAX_ID_LENGTH = 256
+# A dead letter keeps at most this much of the original value (its source coordinates point at the
+# whole of it), so a dead letter stays small whatever arrives: a 10 MB value included.
+ORIGINAL_PREFIX_BYTES = 4096
+_ORIGINAL_JSON_BYTES = 2 * ORIGINAL_PREFIX_BYTES  # text that escapes to more is kept as base64
+_KEY_PREFIX_BYTES = 256
+_DETAIL_JSON_BYTES = 2048
 
 
 @dataclass(frozen=True)
@@ -44,24 +50,53 @@ class Rejection:
     detail: str
 
 
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode (JSON's \\ud800 escapes can smuggle in lone surrogates,
+    which would fail later, when the id is encoded as a Kafka key or hashed)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _preview(value: object, limit: int = 50) -> str:
+    """A short printable rendering of any parsed JSON value, for a rejection's detail."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<integer of {value.bit_length()} bits>"
+    try:
+        return repr(value)[:limit]
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
 def _identifier(value: object, name: str) -> str | Rejection:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return Rejection(f"bad_{name}", f"{name} must be a string or integer, got {type(value).__name__}")
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_ID_LENGTH:  # far more than 256 digits
+        return Rejection(f"bad_{name}", f"{name} must have 1 to {MAX_ID_LENGTH} characters")
     text = str(value)
     if not text or len(text) > MAX_ID_LENGTH:
         return Rejection(f"bad_{name}", f"{name} must have 1 to {MAX_ID_LENGTH} characters")
+    if not _encodable(text):
+        return Rejection(f"bad_{name}", f"{name} is not valid Unicode (lone surrogate)")
     return text
 
 
 def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
-    """Check one event against the `interactions` schema of DESIGN.md."""
+    """Check one event against the `interactions` schema of DESIGN.md.
+
+    Never raises: whatever the bytes, the answer is an Interaction or a Rejection with a reason.
+    """
     if raw is None:
         return Rejection("empty", "message has no value")
     if len(raw) > max_bytes:
         return Rejection("oversized", f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of more than
+        # sys.get_int_max_str_digits() digits; RecursionError, nesting too deep to parse.
         return Rejection("not_json", f"not JSON: {str(error)[:200]}")
     if not isinstance(payload, dict):
         return Rejection("not_object", f"expected a JSON object, got {type(payload).__name__}")
@@ -75,8 +110,12 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
     if isinstance(item_id, Rejection):
         return item_id
     ts = payload["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(float(ts)):
-        return Rejection("bad_ts", f"ts must be a finite number of epoch seconds, got {str(ts)[:50]!r}")
+    try:
+        seconds = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else math.nan
+    except OverflowError:  # an integer beyond float's range
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        return Rejection("bad_ts", f"ts must be a finite number of epoch seconds, got {_preview(ts)}")
     event_id = payload.get("event_id")
     if event_id is not None:
         event_id = _identifier(event_id, "event_id")
@@ -85,7 +124,9 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
     event_type = payload.get("type")
     if event_type is not None and not isinstance(event_type, str):
         return Rejection("bad_type", f"type must be a string, got {type(event_type).__name__}")
-    return Interaction(user_id, item_id, float(ts), event_id, event_type)
+    if event_type is not None and (len(event_type) > MAX_ID_LENGTH or not _encodable(event_type)):
+        return Rejection("bad_type", f"type must be valid Unicode of at most {MAX_ID_LENGTH} characters")
+    return Interaction(user_id, item_id, seconds, event_id, event_type)
 
 
 @dataclass
@@ -117,26 +158,59 @@ class BatchResult:
     latencies: list[float] = field(default_factory=list)  # event timestamp -> emit, seconds
 
 
+def _json_bytes(value: object) -> bytes:
+    """Compact UTF-8 JSON; a lone surrogate (only possible in text we did not validate) becomes its
+    \\uXXXX escape, which is what it means in JSON."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` whose JSON string form takes at most `max_bytes` bytes."""
+    size = len(_json_bytes(text))
+    while text and size > max_bytes:
+        # Shrink in proportion to the overshoot (an escaped control character takes 6 bytes).
+        text = text[: min(len(text) - 1, len(text) * max_bytes // size)]
+        size = len(_json_bytes(text))
+    return text
+
+
+def _original_text(prefix: bytes, truncated: bool) -> str | None:
+    """`prefix` as UTF-8 text (a character cut by the truncation dropped), or None when not text."""
+    try:
+        return prefix.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # Only a multi-byte character cut off at the very end is forgiven, and only after a cut.
+        if truncated and error.start >= len(prefix) - 3 and error.reason == "unexpected end of data":
+            return prefix[: error.start].decode("utf-8")
+        return None
+
+
 def dead_letter(source: Source, reason: str, detail: str) -> bytes:
-    """The dead-letter message: original bytes (as text or base64), reason and coordinates."""
+    """The dead-letter message: reason, the original (its first ORIGINAL_PREFIX_BYTES bytes, as text
+    or base64) and its coordinates: about 11 KiB at most, whatever the original's size."""
     import base64
 
     value = source.value or b""
-    try:
-        original = value.decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        original = base64.b64encode(value).decode("ascii")
+    truncated = len(value) > ORIGINAL_PREFIX_BYTES
+    prefix = value[:ORIGINAL_PREFIX_BYTES]
+    original = _original_text(prefix, truncated)
+    encoding = "utf-8"
+    if original is None or len(_json_bytes(original)) > _ORIGINAL_JSON_BYTES:
+        # Not UTF-8, or text made mostly of control characters that JSON escapes: base64 is smaller.
+        original = base64.b64encode(prefix).decode("ascii")
         encoding = "base64"
-    return json.dumps({
+    key = source.key or b""
+    return _json_bytes({
         "reason": reason,
-        "detail": detail,
+        "detail": _clip(detail, _DETAIL_JSON_BYTES),
         "original": original,
         "original_encoding": encoding,
-        "original_key": (source.key or b"").decode("utf-8", "replace"),
+        "original_bytes": len(value),
+        "original_truncated": truncated,
+        "original_key": _clip(key[:_KEY_PREFIX_BYTES].decode("utf-8", "replace"), 4 * _KEY_PREFIX_BYTES),
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
         "dead_lettered_ts": time.time(),
-    }).encode()
+    })
 
 
 class BatchProcessor:
@@ -178,7 +252,8 @@ class BatchProcessor:
         accepted: list[tuple[Source, Interaction, int]] = []
         for source in batch:
             event = validate(source.value, self.max_event_bytes)
-            if isinstance(event, Interaction) and event.item_id not in catalog:
+            # Index 0 is the padding row ([PAD]): a token of the catalog, but never an item.
+            if isinstance(event, Interaction) and not catalog.get(event.item_id):
                 event = Rejection("unknown_item", f"item_id {event.item_id!r} is not in the model's catalog")
             if isinstance(event, Rejection):
                 result.dead_letters.append(

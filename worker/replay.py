@@ -38,15 +38,29 @@ def producer(settings: Settings):
 def replay(data: str, rate: float | None = None, limit: int | None = None, skip: int = 0,
            progress: bool = True) -> int:
     """Produce events (after the first `skip`) at up to `rate` per second; returns how many."""
+    from kafka.errors import KafkaError
     from tqdm import tqdm
 
     from model.data import load
+    from worker.config import ConfigError
     from worker.topics import ensure_topics
 
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        raise SystemExit(f"ksr replay: {error}") from None
     dataset = load(data)
-    ensure_topics(settings)
-    client = producer(settings)
+    try:
+        ensure_topics(settings)
+        client = producer(settings)
+    except KafkaError as error:
+        # kafka-python retries a failed SASL handshake like an unreachable broker, then times out.
+        protocol = settings.kafka_security.get("security_protocol", "PLAINTEXT")
+        raise SystemExit(
+            f"ksr replay: cannot use Kafka at {settings.bootstrap_servers} over {protocol} ({error}); "
+            "check KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL and the KAFKA_SASL_*/KAFKA_SSL_* "
+            "settings (a wrong password looks like an unreachable broker)"
+        ) from None
     total = (dataset.n_events if limit is None else min(limit, dataset.n_events)) - skip
     sent = 0
     started = time.perf_counter()
