@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 
 import pytest
+
+from worker.faults import WorkerProcess, free_port, stream_env  # noqa: F401  (shared with the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 KSR = [sys.executable, "-m", "worker.cli"]
 
 # kafka-python 3.0 warns about its own resource loading on import; it is noise in test output.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="kafka")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,62 +45,6 @@ def small_checkpoint(tmp_path_factory) -> Path:
         check=True, cwd=REPO, stdout=subprocess.DEVNULL,
     )
     return out
-
-
-class WorkerProcess:
-    """A `ksr worker` subprocess with its own topics, group, state folder and metrics port."""
-
-    def __init__(self, env: dict, log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['KSR_METRICS_PORT']}/metrics"
-
-    def start(self) -> WorkerProcess:
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [*KSR, "worker", "--loglevel", "info"], cwd=REPO, env=self.env, stdout=log, stderr=log,
-                start_new_session=True,
-            )
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def stream_env(tmp_path: Path, bootstrap: str, checkpoint: Path, **extra: str) -> dict:
-    """Environment for one isolated stream: unique topics and group, own state and metrics port."""
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "KSR_APP_ID": f"ksr-test-{tag}",
-        "KSR_TOPIC_INTERACTIONS": f"t{tag}.interactions",
-        "KSR_TOPIC_RECOMMENDATIONS": f"t{tag}.recommendations",
-        "KSR_TOPIC_DLQ": f"t{tag}.interactions.dlq",
-        "KSR_TOPIC_MODEL_UPDATES": f"t{tag}.model-updates",
-        "KSR_PARTITIONS": "2",
-        "KSR_CHECKPOINT": str(checkpoint),
-        "KSR_STATE_DIR": str(tmp_path / f"state-{tag}"),
-        "KSR_VAR_DIR": str(tmp_path / "var"),
-        "KSR_METRICS_PORT": str(free_port()),
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update(extra)
-    return env
 
 
 def consume(bootstrap: str, topic: str, count: int, timeout: float, worker: WorkerProcess | None = None):

@@ -11,13 +11,15 @@ that partition's one Kafka transaction.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import weakref
 
 import faust
-from faust.streams import _current_event  # faust-streaming is pinned; see _agent
+from faust.streams import _current_event
+from faust.types import TP  # faust-streaming is pinned; see _agent
 
 from model.serving import Recommender
 from worker import metrics
@@ -92,6 +94,11 @@ class Worker:
             # With exactly-once, recommendations become visible to read_committed consumers when the
             # transaction commits, so the commit interval bounds the latency they see.
             broker_commit_interval=settings.commit_interval_s,
+            # How long a dead worker's partitions wait before another takes them over.
+            broker_session_timeout=settings.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+            # Faust waits this long after a rebalance before resuming the streams (default 3 s).
+            stream_recovery_delay=0.5,
             topic_partitions=partitions,
             topic_replication_factor=1,
             consumer_auto_offset_reset="earliest",
@@ -121,11 +128,37 @@ class Worker:
         self.app.timer(10.0)(self._count_users)
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
+        self.commit_gate = asyncio.Lock()
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
+        self._gate_commits()
         async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
-            await self.handle(events)
+            # A batch is one unit for the commit: its answers, its state changelog records and its
+            # input offsets all land in the same transaction, or none of them do.
+            async with self.commit_gate:
+                await self.handle(events)
+                for event in events:
+                    await stream.ack(event)
+
+    def _gate_commits(self) -> None:
+        """Make Faust's commits wait for the batch in progress.
+
+        Faust commits on a timer, concurrently with the agent. A commit that ran while a batch was
+        half sent would commit some of its answers with none of its offsets, and a crash right after
+        would answer those events twice. Commits therefore take the same lock as a batch.
+        """
+        consumer = self.app.consumer
+        if getattr(consumer, "_ksr_gated", False):
+            return
+        force_commit = consumer.force_commit
+
+        async def gated_force_commit(*args, **kwargs):
+            async with self.commit_gate:
+                return await force_commit(*args, **kwargs)
+
+        consumer.force_commit = gated_force_commit
+        consumer._ksr_gated = True
 
     def _load(self, user_id: str) -> StoredUser | None:
         blob = self.user_state.get(user_id.encode())
@@ -140,8 +173,6 @@ class Worker:
     async def _watch_model_updates(self) -> None:
         """Follow `model-updates` (every worker reads every announcement: no consumer group) and
         load each newer version off the event loop; `handle` swaps it in between batches."""
-        import asyncio
-
         from aiokafka import AIOKafkaConsumer
 
         from model.checkpoint import CheckpointError
@@ -199,21 +230,20 @@ class Worker:
         event_of_partition = {e.message.partition: e for e in events}
         precision = self.settings.state_precision
         for partition, event in event_of_partition.items():
-            # Table writes pick the RocksDB partition and the changelog partition from the current
-            # event, which take_events does not set in this task: set it to one of the partition's own
-            # events (only this task's context variable; the stream's attribute belongs to its
-            # buffering task).
+            # The RocksDB store picks its partition from the current event, which take_events does
+            # not set in this task: set it to one of the partition's own events (only this task's
+            # context variable; the stream's attribute belongs to its buffering task).
             token = _current_event.set(weakref.ref(event))
             try:
                 for user_id, (user_partition, stored) in result.states.items():
                     if user_partition == partition:
-                        self.user_state[user_id.encode()] = encode(stored, precision)
+                        await self._write_state(user_id.encode(), encode(stored, precision), partition)
             finally:
                 _current_event.reset(token)
         for partition, key, value in result.recommendations:
-            await self.recommendations.send(key=key, value=value, partition=partition)
+            await self._send(self.settings.recommendations_topic, key, value, partition)
         for partition, key, value, reason in result.dead_letters:
-            await self.dead_letters.send(key=key, value=value, partition=partition)
+            await self._send(self.settings.dlq_topic, key, value, partition)
             metrics.DEAD_LETTERS.labels(reason).inc()
         metrics.BATCH_SIZE.observe(len(sources))
         metrics.STEP_SECONDS.observe(result.step_seconds)
@@ -224,6 +254,45 @@ class Worker:
         metrics.RECOMPUTED_USERS.inc(result.recomputed_users)
         for latency in result.latencies:
             metrics.LATENCY_SECONDS.observe(latency)
+
+    async def _write_state(self, key: bytes, value: bytes, partition: int) -> None:
+        """Store a user's state in RocksDB and send its changelog record in the batch's transaction.
+
+        Faust's own table assignment hands the changelog record to a background buffer, which can
+        reach the producer after the batch's transaction committed; a crash then would keep the
+        batch's answers and offsets but lose its state change. Sending it here, awaited, keeps all
+        three in one transaction.
+        """
+        table = self.user_state
+        table.data[key] = value
+        changelog = table.changelog_topic_name
+        future = await self._send(changelog, key, value, partition)
+        tp = TP(changelog, partition)
+
+        def persisted(done) -> None:
+            if done.exception() is None:
+                if self.app.in_transaction:
+                    self.app.tables.persist_offset_on_commit(table.data, tp, done.result().offset)
+                else:
+                    table.data.set_persisted_offset(tp, done.result().offset)
+
+        future.add_done_callback(persisted)
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes, partition: int):
+        """Send an answer in the transaction of the partition its event came from.
+
+        Faust's own topic.send picks the transaction from the destination topic's consumer metadata,
+        which a worker that never consumes `recommendations` does not have; the message would then
+        go out outside any transaction and survive a crash whose input offsets were never
+        committed. Naming the source partition's transaction keeps answer and offset together.
+        """
+        transactional_id = None
+        if self.app.in_transaction:
+            group = self.app.assignor.group_for_topic(self.settings.interactions_topic)
+            transactional_id = f"{self.app.conf.id}-{group}-{partition}"
+        return await self.app.producer.send(
+            topic, key, value, partition, None, None, transactional_id=transactional_id
+        )
 
     async def _count_users(self) -> None:
         store = self.user_state.data
@@ -237,7 +306,72 @@ class Worker:
 
 
 def run(checkpoint: str | None = None, loglevel: str = "info") -> int:
-    """`ksr worker`: load the model, make sure topics exist, serve metrics, run the Faust worker."""
+    """`ksr worker`: a supervisor that runs the Faust worker in a child process and restarts it.
+
+    Faust stops for good on some failures a restart cures (a broker that went away for longer
+    than its retries, a consistency check after a rebalance with a killed peer). A restarted child
+    finds its local state marked unclean, rebuilds it from the changelog, and resumes from the
+    committed offsets, so nothing is lost or answered twice. Start-up errors (exit code 2: bad
+    settings, bad checkpoint) are not retried.
+    """
+    import os
+
+    if os.environ.get("KSR_WORKER_CHILD") == "1":
+        return run_worker(checkpoint, loglevel)
+    return supervise(checkpoint, loglevel)
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL when the supervisor dies, however it dies (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def supervise(checkpoint: str | None, loglevel: str) -> int:
+    """Run and restart the Faust worker child until it exits cleanly or we are told to stop."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "worker.cli", "worker", "--loglevel", loglevel]
+    if checkpoint:
+        command += ["--checkpoint", str(checkpoint)]
+    env = {**os.environ, "KSR_WORKER_CHILD": "1"}
+    state = {"stopping": False, "child": None}
+
+    def forward(signum, _frame) -> None:
+        state["stopping"] = True
+        if state["child"] is not None and state["child"].poll() is None:
+            state["child"].send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        # The supervisor runs no threads, so preexec_fn is safe here.
+        state["child"] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        code = state["child"].wait()
+        if state["stopping"]:
+            return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        if code in (0, 2):
+            return code
+        if time.monotonic() - started > 60:
+            backoff = 1.0
+        print(f"ksr worker: the Faust worker exited with code {code}; restarting the Faust worker "
+              f"in {backoff:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(backoff)
+        backoff = min(30.0, backoff * 2)
+
+
+def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
+    """The Faust worker itself: load the model, make sure topics exist, serve metrics, run."""
     import torch
 
     from model.checkpoint import CheckpointError
@@ -268,12 +402,46 @@ def run(checkpoint: str | None = None, loglevel: str = "info") -> int:
         file=sys.stderr,
     )
     worker = Worker(settings, recommender, partitions)
+    discard_state_after_crash(settings)
     runner = faust.Worker(worker.app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it turns on every record; every
     # debug call in aiokafka then builds a LogRecord on the hot path. No spinner, no such cost.
     runner.spinner = None
-    runner.execute_from_commandline()
+    try:
+        runner.execute_from_commandline()
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            # Faust stopped its services (final commit, RocksDB closed): the local state is clean.
+            (settings.state_dir / CLEAN_SHUTDOWN).touch()
+        raise
     return 0
+
+
+CLEAN_SHUTDOWN = "clean-shutdown"
+
+
+def discard_state_after_crash(settings: Settings) -> None:
+    """After a crash, drop the local RocksDB state so that it is rebuilt from the changelog.
+
+    With exactly-once processing the table writes of an open transaction reach RocksDB at once, but
+    their changelog records are aborted if the worker dies before the commit. Recovery replays only
+    committed changelog records after the last committed offset, so the aborted writes would stay in
+    the local files and the re-processed events would be applied twice (or skipped as duplicates
+    without an answer). A marker written at each clean stop tells the two cases apart.
+    """
+    import shutil
+
+    marker = settings.state_dir / CLEAN_SHUTDOWN
+    local_tables = [p for p in settings.state_dir.glob("*/tables") if p.is_dir()]
+    if local_tables and not marker.exists() and settings.processing_guarantee == "exactly_once":
+        print(
+            f"ksr worker: the last run did not stop cleanly; discarding local state in "
+            f"{settings.state_dir} to restore it from the changelog",
+            file=sys.stderr,
+        )
+        for tables in local_tables:
+            shutil.rmtree(tables)
+    marker.unlink(missing_ok=True)
 
 
 def _replace(settings: Settings, **changes) -> Settings:

@@ -1,0 +1,39 @@
+"""What production does to a stream processor, on the real broker: nothing may be lost.
+
+Each scenario lives in worker/faults.py (also `ksr bench faults --json`); these tests assert on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import faults
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def test_worker_killed_mid_stream_answers_every_event_exactly_once(bootstrap, small_checkpoint) -> None:
+    result = faults.crash(bootstrap, str(small_checkpoint), events=5000, rate=500, kill_after=4)
+    assert result["events_sent"] == 5000
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["answered"] == 5000
+    assert result["discarded_local_state"], "a crash must rebuild local state from the changelog"
+    assert result["max_state_diff"] <= 1e-5, result
+
+
+def test_surviving_worker_takes_over_a_killed_workers_users_with_their_state(bootstrap, small_checkpoint) -> None:
+    result = faults.scale_out(bootstrap, str(small_checkpoint), events=4000, rate=400, kill_after=5)
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["victim_answers_before_kill"] > 0, "the killed worker must have served some users"
+    assert result["takeover_s"] is not None and result["takeover_s"] <= 60, result
+    assert result["max_state_diff"] <= 1e-5, result
+
+
+def test_worker_resumes_by_itself_after_a_broker_outage(bootstrap, small_checkpoint) -> None:
+    from worker import broker
+
+    if not broker.is_running():
+        pytest.skip("needs the local broker managed by `ksr broker` (KAFKA_BOOTSTRAP_SERVERS is external)")
+    result = faults.broker_outage(bootstrap, str(small_checkpoint), events=3000, rate=150, outage_s=30)
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["recovery_s"] is not None, result

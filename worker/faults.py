@@ -1,0 +1,396 @@
+"""Fault scenarios on the real broker: a crashed worker, a broker outage, a lost worker in a group.
+
+Each scenario streams real ml-100k events at a steady rate through `ksr worker` processes, breaks
+something mid-stream, and reads every recommendation back with a read_committed consumer. It
+returns what a user of the stream would count: events sent, answered, answered twice, lost, and the
+seconds until recommendations flowed again; plus, where state matters, the largest difference
+between the users' final states (read from the changelog) and an uninterrupted computation.
+`ksr bench faults --json` prints them; tests/test_reliability.py asserts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from worker.config import REPO_ROOT
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class WorkerProcess:
+    """A `ksr worker` subprocess with its own environment (topics, group, state folder, port)."""
+
+    def __init__(self, env: dict, log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['KSR_METRICS_PORT']}/metrics"
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "info"], cwd=REPO_ROOT,
+                env=self.env, stdout=log, stderr=log, start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def stream_env(base: Path, bootstrap: str, checkpoint: Path | str, **extra: str) -> dict:
+    """Environment for one isolated stream: unique topics and group, own state and metrics port."""
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KSR_APP_ID": f"ksr-test-{tag}",
+        "KSR_TOPIC_INTERACTIONS": f"t{tag}.interactions",
+        "KSR_TOPIC_RECOMMENDATIONS": f"t{tag}.recommendations",
+        "KSR_TOPIC_DLQ": f"t{tag}.interactions.dlq",
+        "KSR_TOPIC_MODEL_UPDATES": f"t{tag}.model-updates",
+        "KSR_PARTITIONS": "2",
+        "KSR_CHECKPOINT": str(checkpoint),
+        "KSR_STATE_DIR": str(base / f"state-{tag}"),
+        "KSR_VAR_DIR": str(base / "var"),
+        "KSR_METRICS_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+class PacedProducer(threading.Thread):
+    """Sends (key, value) pairs at `rate` per second in a thread; kafka-python retries through
+    broker outages (delivery timeout 5 minutes)."""
+
+    def __init__(self, bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float) -> None:
+        super().__init__(daemon=True)
+        from kafka import KafkaProducer
+
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+            delivery_timeout_ms=300_000, request_timeout_ms=30_000, max_block_ms=300_000,
+            reconnect_backoff_max_ms=1000,
+        )
+        self.topic, self.messages, self.rate = topic, messages, rate
+        self.failures = 0
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        futures = []
+        for n, (key, value) in enumerate(self.messages):
+            ahead = n / self.rate - (time.perf_counter() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+            futures.append(self.producer.send(self.topic, key=key, value=value))
+        self.producer.flush()
+        for future in futures:
+            if future.exception is not None:
+                self.failures += 1
+        self.producer.close()
+
+
+class Collector(threading.Thread):
+    """Reads a topic from the beginning with read_committed; records (arrival time, value)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic = bootstrap, topic
+        self.received: list[tuple[float, dict]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(
+            self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+            enable_auto_commit=False, isolation_level="read_committed", reconnect_backoff_max_ms=1000,
+        )
+        try:
+            while not self._stop_event.is_set():
+                for records in consumer.poll(timeout_ms=200).values():
+                    now = time.time()
+                    self.received.extend((now, json.loads(r.value)) for r in records)
+        finally:
+            consumer.close()
+
+    def wait_for(self, event_ids: set[str], timeout: float, workers: list[WorkerProcess] = ()) -> None:
+        """Until every id has an answer (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if event_ids <= {m.get("event_id") for _, m in self.received}:
+                return
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(30)
+
+
+def count_answers(received: list[tuple[float, dict]], event_ids: list[str]) -> dict:
+    """Events sent, answered (at least once), duplicated (answered more than once), lost."""
+    counts = Counter(m.get("event_id") for _, m in received)
+    return {
+        "events_sent": len(event_ids),
+        "answered": sum(1 for e in event_ids if counts[e] >= 1),
+        "duplicated": sum(1 for e in event_ids if counts[e] > 1),
+        "lost": sum(1 for e in event_ids if counts[e] == 0),
+    }
+
+
+def changelog_states(bootstrap: str, app_id: str) -> dict[str, object]:
+    """Every user's latest committed state in the table's changelog topic, decoded."""
+    from kafka import KafkaConsumer
+
+    from worker.state import decode
+
+    consumer = KafkaConsumer(
+        f"{app_id}-user-state-changelog", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, isolation_level="read_committed", consumer_timeout_ms=3000,
+    )
+    try:
+        return {record.key.decode(): decode(record.value) for record in consumer if record.value}
+    finally:
+        consumer.close()
+
+
+def state_difference(states: dict, checkpoint: str, dataset, count: int) -> float:
+    """Largest absolute difference between stored states and replaying each user's events."""
+    from model.serving import Recommender
+
+    recommender = Recommender.load(checkpoint)
+    histories: dict[str, list[int]] = {}
+    for position in range(count):
+        user = dataset.user_tokens[dataset.users[position]]
+        histories.setdefault(user, []).append(int(dataset.items[position]))
+    users = sorted(histories)
+    missing = [u for u in users if u not in states]
+    if missing:
+        return float("inf")
+    expected = recommender.replay([histories[u] for u in users])
+    worst = 0.0
+    for row, user in enumerate(users):
+        stored = states[user]
+        worst = max(
+            worst,
+            float(np.abs(stored.hidden - expected.hidden[row].numpy()).max()),
+            float(np.abs(stored.memory_values - expected.memory_values[row].numpy()).max(initial=0.0)),
+        )
+    return worst
+
+
+def _messages(dataset, count: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+    from worker.replay import event_messages
+
+    messages = list(event_messages(dataset, count))
+    return messages, [json.loads(v)["event_id"] for _, v in messages]
+
+
+def _first_answer_after(received: list[tuple[float, dict]], moment: float) -> float | None:
+    later = [t for t, _ in received if t > moment]
+    return round(min(later) - moment, 2) if later else None
+
+
+def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500.0, kill_after: float = 4.0,
+          timeout: float = 240.0) -> dict:
+    """kill -9 the worker mid-stream and start it again with the same state folder."""
+    from model.data import load
+
+    dataset = load("ml-100k")
+    base = Path(tempfile.mkdtemp(prefix="ksr-crash-"))
+    env = stream_env(base, bootstrap, checkpoint)
+    messages, event_ids = _messages(dataset, events)
+    worker = WorkerProcess(env, base / "worker.log").start()
+    collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
+    collector.start()
+    try:
+        _wait_for_metrics(worker)
+        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
+        producer.start()
+        time.sleep(kill_after)
+        worker.stop(signal.SIGKILL)
+        killed_at = time.time()
+        worker.start()
+        producer.join()
+        collector.wait_for(set(event_ids), timeout, [worker])
+    finally:
+        worker.stop()
+        collector.stop()
+    result = {"scenario": "crash", **count_answers(collector.received, event_ids),
+              "recovery_s": _first_answer_after(collector.received, killed_at),
+              "producer_failures": producer.failures}
+    result["max_state_diff"] = state_difference(changelog_states(bootstrap, env["KSR_APP_ID"]), checkpoint,
+                                                dataset, events)
+    result["discarded_local_state"] = "did not stop cleanly" in worker.log()
+    _clean_up(base, result)
+    return result
+
+
+def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: float = 150.0,
+                  stop_after: float = 4.0, outage_s: float = 30.0, timeout: float = 300.0) -> dict:
+    """Stop the local broker for `outage_s` seconds mid-stream, then start it again."""
+    from model.data import load
+    from worker import broker
+
+    dataset = load("ml-100k")
+    base = Path(tempfile.mkdtemp(prefix="ksr-outage-"))
+    env = stream_env(base, bootstrap, checkpoint)
+    messages, event_ids = _messages(dataset, events)
+    worker = WorkerProcess(env, base / "worker.log").start()
+    collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
+    collector.start()
+    try:
+        _wait_for_metrics(worker)
+        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
+        producer.start()
+        time.sleep(stop_after)
+        broker.stop()
+        time.sleep(outage_s)
+        broker.start(timeout=120)
+        restarted_at = time.time()
+        producer.join()
+        collector.wait_for(set(event_ids), timeout, [worker])
+        worker_survived = worker.alive()
+    finally:
+        worker.stop()
+        collector.stop()
+    result = {"scenario": "broker_outage", "outage_s": outage_s, **count_answers(collector.received, event_ids),
+              "recovery_s": _first_answer_after(collector.received, restarted_at),
+              "worker_restarts": worker.log().count("restarting the Faust worker"),
+              "worker_alive_at_end": worker_survived, "producer_failures": producer.failures}
+    _clean_up(base, result)
+    return result
+
+
+def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float = 400.0, kill_after: float = 5.0,
+              timeout: float = 240.0) -> dict:
+    """Two workers in one group on a 4-partition topic; kill -9 one; the other takes over."""
+    from model.data import load
+
+    dataset = load("ml-100k")
+    base = Path(tempfile.mkdtemp(prefix="ksr-scale-"))
+    env = stream_env(base, bootstrap, checkpoint, KSR_PARTITIONS="4")
+    env_b = {**env, "KSR_STATE_DIR": env["KSR_STATE_DIR"] + "-b", "KSR_METRICS_PORT": str(free_port())}
+    messages, event_ids = _messages(dataset, events)
+    survivor = WorkerProcess(env, base / "worker-a.log").start()
+    victim = WorkerProcess(env_b, base / "worker-b.log")
+    collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
+    collector.start()
+    try:
+        _wait_for_metrics(survivor)
+        victim.start()
+        _wait_for_metrics(victim)
+        _wait_for_partitions(victim, 60)
+        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
+        producer.start()
+        time.sleep(kill_after)
+        victim_served = _counter(victim, "ksr_recommendations_total")
+        victim.stop(signal.SIGKILL)
+        killed_at = time.time()
+        producer.join()
+        collector.wait_for(set(event_ids), timeout, [survivor])
+    finally:
+        survivor.stop()
+        victim.stop()
+        collector.stop()
+    # Partitions the victim served: the survivor's first answer on one of them after the kill.
+    victim_users = {m["user_id"] for t, m in collector.received if t <= killed_at} if victim_served else set()
+    takeover = [t for t, m in collector.received if t > killed_at and m["user_id"] in victim_users]
+    result = {"scenario": "scale_out", **count_answers(collector.received, event_ids),
+              "victim_answers_before_kill": victim_served,
+              "takeover_s": round(min(takeover) - killed_at, 2) if takeover else None}
+    result["max_state_diff"] = state_difference(changelog_states(bootstrap, env["KSR_APP_ID"]), checkpoint,
+                                                dataset, events)
+    _clean_up(base, result)
+    return result
+
+
+def _clean_up(base: Path, result: dict) -> None:
+    """Remove the scenario's folder, unless something was lost or doubled: then keep the logs."""
+    if result.get("lost") or result.get("duplicated"):
+        result["logs"] = str(base)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _counter(worker: WorkerProcess, name: str) -> float:
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(worker.metrics_url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        return 0.0
+    return 0.0
+
+
+def _wait_for_metrics(worker: WorkerProcess, timeout: float = 120) -> None:
+    from urllib.request import urlopen
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited at start-up:\n{worker.log()[-2000:]}")
+        try:
+            with urlopen(worker.metrics_url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("worker metrics endpoint did not come up")
+
+
+def _wait_for_partitions(worker: WorkerProcess, timeout: float) -> None:
+    """Until the worker has been given partitions (its log says the rebalance finished)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.log().count("Worker ready") >= 1 and "Setting newly assigned partitions" in worker.log():
+            return
+        time.sleep(0.5)
+
+
+def run_all(checkpoint: str, bootstrap: str) -> dict:
+    """`ksr bench faults`: every scenario, one line each."""
+    return {
+        "crash": crash(bootstrap, checkpoint),
+        "scale_out": scale_out(bootstrap, checkpoint),
+        "broker_outage": broker_outage(bootstrap, checkpoint),
+    }
