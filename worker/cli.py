@@ -134,6 +134,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from worker.bench import bench_throughput
 
         result = bench_throughput(checkpoint=args.checkpoint, events=args.events)
+    elif args.bench == "faults":
+        from worker import broker, faults
+        from worker.config import Settings
+
+        settings = Settings.from_env()
+        result = faults.run_all(str(args.checkpoint or settings.checkpoint), broker.bootstrap_servers())
     else:
         raise SystemExit(f"unknown benchmark {args.bench!r}")
     if args.json:
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("bench", choices=["step", "throughput"])
+    p.add_argument("bench", choices=["step", "throughput", "faults"])
     p.add_argument("--events", type=int, default=20000, help="throughput: backlog size")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
