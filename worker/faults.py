@@ -145,9 +145,10 @@ class Collector(threading.Thread):
         )
         try:
             while not self._stop_event.is_set():
-                for records in consumer.poll(timeout_ms=200).values():
+                for tp, records in consumer.poll(timeout_ms=200).items():
                     now = time.time()
-                    self.received.extend((now, json.loads(r.value)) for r in records)
+                    self.received.extend((now, {**json.loads(r.value), "_partition": tp.partition})
+                                         for r in records)
         finally:
             consumer.close()
 
@@ -330,12 +331,14 @@ def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float =
         survivor.stop()
         victim.stop()
         collector.stop()
-    # Partitions the victim served: the survivor's first answer on one of them after the kill.
-    victim_users = {m["user_id"] for t, m in collector.received if t <= killed_at} if victim_served else set()
-    takeover = [t for t, m in collector.received if t > killed_at and m["user_id"] in victim_users]
+    # Takeover: until every partition answers again after the kill (the victim's resume last).
+    resumed = {}
+    for t, m in collector.received:
+        if t > killed_at:
+            resumed.setdefault(m["_partition"], t)
     result = {"scenario": "scale_out", **count_answers(collector.received, event_ids),
               "victim_answers_before_kill": victim_served,
-              "takeover_s": round(min(takeover) - killed_at, 2) if takeover else None}
+              "takeover_s": round(max(resumed.values()) - killed_at, 2) if len(resumed) == 4 else None}
     result["max_state_diff"] = state_difference(changelog_states(bootstrap, env["KSR_APP_ID"]), checkpoint,
                                                 dataset, events)
     _clean_up(base, result)
