@@ -42,7 +42,7 @@ def pad(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
     items = torch.zeros(len(sequences), int(lengths.max()) if len(sequences) else 0, dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        items[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        items[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)  # copies read-only arrays
     return items, lengths
 
 

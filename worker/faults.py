@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,7 @@ class Collector(threading.Thread):
         finally:
             consumer.close()
 
-    def wait_for(self, event_ids: set[str], timeout: float, workers: list[WorkerProcess] = ()) -> None:
+    def wait_for(self, event_ids: set[str], timeout: float) -> None:
         """Until every id has an answer (or the timeout passes)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -229,104 +230,114 @@ def _first_answer_after(received: list[tuple[float, dict]], moment: float) -> fl
     return round(min(later) - moment, 2) if later else None
 
 
-def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500.0, kill_after: float = 4.0,
-          timeout: float = 240.0) -> dict:
-    """kill -9 the worker mid-stream and start it again with the same state folder."""
+@dataclass
+class Stream:
+    """One scenario's isolated stream: its folder, environment, events, first worker and reader."""
+
+    dataset: object
+    base: Path
+    env: dict
+    messages: list[tuple[bytes, bytes]]
+    event_ids: list[str]
+    worker: WorkerProcess
+    collector: Collector
+
+    def start_load(self, bootstrap: str, rate: float) -> PacedProducer:
+        """Once the worker is up, start sending the events at `rate` per second."""
+        _wait_for_metrics(self.worker)
+        producer = PacedProducer(bootstrap, self.env["KSR_TOPIC_INTERACTIONS"], self.messages, rate)
+        producer.start()
+        return producer
+
+
+def open_stream(name: str, bootstrap: str, checkpoint: str, events: int, **env_extra: str) -> Stream:
+    """Fresh topics and folder, `events` real ml-100k events, a started worker and reader."""
     from model.data import load
 
     dataset = load("ml-100k")
-    base = Path(tempfile.mkdtemp(prefix="ksr-crash-"))
-    env = stream_env(base, bootstrap, checkpoint)
+    base = Path(tempfile.mkdtemp(prefix=f"ksr-{name}-"))
+    env = stream_env(base, bootstrap, checkpoint, **env_extra)
     messages, event_ids = _messages(dataset, events)
     worker = WorkerProcess(env, base / "worker.log").start()
     collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
     collector.start()
+    return Stream(dataset, base, env, messages, event_ids, worker, collector)
+
+
+def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500.0, kill_after: float = 4.0,
+          timeout: float = 240.0) -> dict:
+    """kill -9 the worker mid-stream and start it again with the same state folder."""
+    stream = open_stream("crash", bootstrap, checkpoint, events)
+    worker, collector = stream.worker, stream.collector
     try:
-        _wait_for_metrics(worker)
-        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
-        producer.start()
+        producer = stream.start_load(bootstrap, rate)
         time.sleep(kill_after)
         worker.stop(signal.SIGKILL)
         killed_at = time.time()
         worker.start()
         producer.join()
-        collector.wait_for(set(event_ids), timeout, [worker])
+        collector.wait_for(set(stream.event_ids), timeout)
     finally:
         worker.stop()
         collector.stop()
-    result = {"scenario": "crash", **count_answers(collector.received, event_ids),
+    result = {"scenario": "crash", **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, killed_at),
               "producer_failures": producer.failures}
-    result["max_state_diff"] = state_difference(changelog_states(bootstrap, env["KSR_APP_ID"]), checkpoint,
-                                                dataset, events)
+    result["max_state_diff"] = state_difference(changelog_states(bootstrap, stream.env["KSR_APP_ID"]),
+                                                checkpoint, stream.dataset, events)
     result["discarded_local_state"] = "did not stop cleanly" in worker.log()
-    _clean_up(base, result)
+    _clean_up(stream.base, result)
     return result
 
 
 def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: float = 150.0,
                   stop_after: float = 4.0, outage_s: float = 30.0, timeout: float = 300.0) -> dict:
     """Stop the local broker for `outage_s` seconds mid-stream, then start it again."""
-    from model.data import load
     from worker import broker
 
-    dataset = load("ml-100k")
-    base = Path(tempfile.mkdtemp(prefix="ksr-outage-"))
-    env = stream_env(base, bootstrap, checkpoint)
-    messages, event_ids = _messages(dataset, events)
-    worker = WorkerProcess(env, base / "worker.log").start()
-    collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
-    collector.start()
+    stream = open_stream("outage", bootstrap, checkpoint, events)
+    worker, collector = stream.worker, stream.collector
     try:
-        _wait_for_metrics(worker)
-        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
-        producer.start()
+        producer = stream.start_load(bootstrap, rate)
         time.sleep(stop_after)
         broker.stop()
         time.sleep(outage_s)
         broker.start(timeout=120)
         restarted_at = time.time()
         producer.join()
-        collector.wait_for(set(event_ids), timeout, [worker])
+        collector.wait_for(set(stream.event_ids), timeout)
         worker_survived = worker.alive()
     finally:
         worker.stop()
         collector.stop()
-    result = {"scenario": "broker_outage", "outage_s": outage_s, **count_answers(collector.received, event_ids),
+    result = {"scenario": "broker_outage", "outage_s": outage_s,
+              **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, restarted_at),
               "worker_restarts": worker.log().count("restarting the Faust worker"),
               "worker_alive_at_end": worker_survived, "producer_failures": producer.failures}
-    _clean_up(base, result)
+    _clean_up(stream.base, result)
     return result
 
 
 def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float = 400.0, kill_after: float = 5.0,
               timeout: float = 240.0) -> dict:
     """Two workers in one group on a 4-partition topic; kill -9 one; the other takes over."""
-    from model.data import load
-
-    dataset = load("ml-100k")
-    base = Path(tempfile.mkdtemp(prefix="ksr-scale-"))
-    env = stream_env(base, bootstrap, checkpoint, KSR_PARTITIONS="4")
-    env_b = {**env, "KSR_STATE_DIR": env["KSR_STATE_DIR"] + "-b", "KSR_METRICS_PORT": str(free_port())}
-    messages, event_ids = _messages(dataset, events)
-    survivor = WorkerProcess(env, base / "worker-a.log").start()
-    victim = WorkerProcess(env_b, base / "worker-b.log")
-    collector = Collector(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"])
-    collector.start()
+    stream = open_stream("scale", bootstrap, checkpoint, events, KSR_PARTITIONS="4")
+    survivor, collector = stream.worker, stream.collector
+    env_b = {**stream.env, "KSR_STATE_DIR": stream.env["KSR_STATE_DIR"] + "-b", "KSR_METRICS_PORT": str(free_port())}
+    victim = WorkerProcess(env_b, stream.base / "worker-b.log")
     try:
         _wait_for_metrics(survivor)
         victim.start()
         _wait_for_metrics(victim)
         _wait_for_partitions(victim, 60)
-        producer = PacedProducer(bootstrap, env["KSR_TOPIC_INTERACTIONS"], messages, rate)
-        producer.start()
+        producer = stream.start_load(bootstrap, rate)
         time.sleep(kill_after)
         victim_served = _counter(victim, "ksr_recommendations_total")
         victim.stop(signal.SIGKILL)
         killed_at = time.time()
         producer.join()
-        collector.wait_for(set(event_ids), timeout, [survivor])
+        collector.wait_for(set(stream.event_ids), timeout)
     finally:
         survivor.stop()
         victim.stop()
@@ -336,12 +347,12 @@ def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float =
     for t, m in collector.received:
         if t > killed_at:
             resumed.setdefault(m["_partition"], t)
-    result = {"scenario": "scale_out", **count_answers(collector.received, event_ids),
+    result = {"scenario": "scale_out", **count_answers(collector.received, stream.event_ids),
               "victim_answers_before_kill": victim_served,
               "takeover_s": round(max(resumed.values()) - killed_at, 2) if len(resumed) == 4 else None}
-    result["max_state_diff"] = state_difference(changelog_states(bootstrap, env["KSR_APP_ID"]), checkpoint,
-                                                dataset, events)
-    _clean_up(base, result)
+    result["max_state_diff"] = state_difference(changelog_states(bootstrap, stream.env["KSR_APP_ID"]),
+                                                checkpoint, stream.dataset, events)
+    _clean_up(stream.base, result)
     return result
 
 
