@@ -37,3 +37,12 @@ def test_worker_resumes_by_itself_after_a_broker_outage(bootstrap, small_checkpo
     result = faults.broker_outage(bootstrap, str(small_checkpoint), events=3000, rate=150, outage_s=30)
     assert result["lost"] == 0 and result["duplicated"] == 0, result
     assert result["recovery_s"] is not None, result
+
+
+def test_hostile_payloads_are_each_answered_or_dead_lettered(bootstrap, small_checkpoint) -> None:
+    result = faults.hostile_input(bootstrap, str(small_checkpoint), payloads=2000)
+    assert result["worker_alive_at_end"], result
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["answered"] == result["valid"] > 0
+    assert result["dead_lettered"] == 2000 - result["valid"]
+    assert {"not_json", "oversized", "bad_ts", "unknown_item"} <= set(result["dead_letter_reasons"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -401,10 +402,102 @@ def _wait_for_partitions(worker: WorkerProcess, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def hostile_payloads(catalog: list[str], count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """`count` payloads, one in ten a valid event, the rest bytes, JSON of wrong shapes and types,
+    huge ids, NaN/inf timestamps, unknown items and values over the size cap; three are 10 MB."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        user = rng.choice(["h-1", "h-2", "用户-ü-😀", str(rng.randrange(60))])
+        item = rng.choice(catalog)
+        kind = n % 10
+        if kind == 0:
+            value = json.dumps({"user_id": user, "item_id": item, "ts": n, "event_id": f"hostile-{n}"}).encode()
+        elif kind == 1:
+            value = rng.randbytes(rng.randrange(1, 300))
+        elif kind == 2:
+            value = rng.choice([b"[1, 2]", b"42", b'"text"', b"null", b"true", b"{}"])
+        elif kind == 3:
+            event = {"user_id": user, "item_id": item, "ts": n}
+            del event[rng.choice(list(event))]
+            value = json.dumps(event).encode()
+        elif kind == 4:
+            field, bad = rng.choice([("user_id", {"a": 1}), ("item_id", [1]), ("ts", "yesterday"), ("user_id", True)])
+            value = json.dumps({"user_id": user, "item_id": item, "ts": n, field: bad}).encode()
+        elif kind == 5:
+            value = rng.choice([
+                json.dumps({"user_id": "u" * 5000, "item_id": item, "ts": n}).encode(),
+                b'{"user_id": "1", "item_id": "' + item.encode() + b'", "ts": 1' + b"0" * 5000 + b"}",
+            ])
+        elif kind == 6:
+            value = rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+            value = b'{"user_id": "1", "item_id": "' + item.encode() + b'", "ts": ' + value + b"}"
+        elif kind == 7:
+            value = json.dumps({"user_id": user, "item_id": f"no-such-{n}", "ts": n}).encode()
+        elif kind == 8 and n % 100 == 8:
+            value = json.dumps({"user_id": user, "item_id": item, "ts": n, "pad": "x" * 66_000}).encode()
+        elif kind == 8:
+            value = json.dumps({"user_id": user, "item_id": item, "ts": n, "event_id": "e" * 300}).encode()
+        else:
+            value = ("\ud800 " + rng.choice(["ünïcödé", "😀", "\u0000"])).encode("utf-8", "surrogatepass")
+        out.append((user.encode(), value))
+    for position in (count // 4, count // 2, 3 * count // 4):
+        out[position] = (b"huge", b"x" * (10 * 1024 * 1024))
+    return out
+
+
+def hostile_input(bootstrap: str, checkpoint: str, payloads: int = 10000, timeout: float = 240.0) -> dict:
+    """Send hostile payloads through a worker: every one is answered or dead-lettered, and the
+    worker stays up."""
+    from kafka import KafkaProducer
+
+    from model.checkpoint import load
+    from worker.processing import Interaction, validate
+
+    catalog = [t for t in load(checkpoint).item_tokens if t != "[PAD]"]
+    messages = hostile_payloads(catalog, payloads)
+    valid = {
+        event.event_id for event in (validate(v, 64 * 1024) for _, v in messages)
+        if isinstance(event, Interaction) and event.item_id in set(catalog)
+    }
+    stream = open_stream("hostile", bootstrap, checkpoint, 0)
+    dead_letters = Collector(bootstrap, stream.env["KSR_TOPIC_DLQ"])
+    dead_letters.start()
+    try:
+        _wait_for_metrics(stream.worker)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                                 max_request_size=16 * 1024 * 1024)
+        for key, value in messages:
+            producer.send(stream.env["KSR_TOPIC_INTERACTIONS"], key=key, value=value)
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(stream.collector.received) + len(dead_letters.received) < payloads:
+            time.sleep(0.5)
+        time.sleep(2)  # anything beyond the expected counts would have arrived by now
+        alive = stream.worker.alive()
+    finally:
+        stream.worker.stop()
+        stream.collector.stop()
+        dead_letters.stop()
+    answers = count_answers(stream.collector.received, sorted(valid))
+    reasons = Counter(m["reason"] for _, m in dead_letters.received)
+    result = {
+        "scenario": "hostile_input", "events_sent": payloads, "valid": len(valid),
+        "answered": answers["answered"], "duplicated": answers["duplicated"],
+        "dead_lettered": len(dead_letters.received),
+        "lost": payloads - answers["answered"] - len(dead_letters.received),
+        "worker_alive_at_end": alive, "dead_letter_reasons": dict(sorted(reasons.items())),
+    }
+    _clean_up(stream.base, result)
+    return result
+
+
 def run_all(checkpoint: str, bootstrap: str) -> dict:
     """`ksr bench faults`: every scenario, one line each."""
     return {
         "crash": crash(bootstrap, checkpoint),
         "scale_out": scale_out(bootstrap, checkpoint),
         "broker_outage": broker_outage(bootstrap, checkpoint),
+        "hostile_input": hostile_input(bootstrap, checkpoint),
     }
