@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import weakref
 
 import faust
-from faust.streams import _current_event
-from faust.types import TP  # faust-streaming is pinned; see _agent
+from faust.streams import _current_event  # faust-streaming is pinned; see handle
+from faust.types import TP
 
 from model.serving import Recommender
 from worker import metrics
@@ -136,10 +137,21 @@ class Worker:
         async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
             # A batch is one unit for the commit: its answers, its state changelog records and its
             # input offsets all land in the same transaction, or none of them do.
-            async with self.commit_gate:
-                await self.handle(events)
-                for event in events:
-                    await stream.ack(event)
+            try:
+                async with self.commit_gate:
+                    await self.handle(events)
+                    for event in events:
+                        await stream.ack(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Crash-only: a batch that failed (e.g. a transaction left unusable by a
+                # rebalance) must not leave a half-working agent behind. Nothing of this batch was
+                # committed, so exiting lets the supervisor restart from the last commit with
+                # state rebuilt from the changelog.
+                log.exception("batch failed; exiting so that the supervisor restarts the worker")
+                logging.shutdown()
+                os._exit(EXIT_RESTART)
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress.
@@ -155,7 +167,16 @@ class Worker:
 
         async def gated_force_commit(*args, **kwargs):
             async with self.commit_gate:
-                return await force_commit(*args, **kwargs)
+                try:
+                    return await force_commit(*args, **kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A commit that fails leaves the transactions in an unknown state: restart
+                    # from the last good commit rather than carry on uncommitted (see _agent).
+                    log.exception("commit failed; exiting so that the supervisor restarts the worker")
+                    logging.shutdown()
+                    os._exit(EXIT_RESTART)
 
         consumer.force_commit = gated_force_commit
         consumer._ksr_gated = True
@@ -314,8 +335,6 @@ def run(checkpoint: str | None = None, loglevel: str = "info") -> int:
     committed offsets, so nothing is lost or answered twice. Start-up errors (exit code 2: bad
     settings, bad checkpoint) are not retried.
     """
-    import os
-
     if os.environ.get("KSR_WORKER_CHILD") == "1":
         return run_worker(checkpoint, loglevel)
     return supervise(checkpoint, loglevel)
@@ -334,7 +353,6 @@ def _die_with_parent() -> None:
 
 def supervise(checkpoint: str | None, loglevel: str) -> int:
     """Run and restart the Faust worker child until it exits cleanly or we are told to stop."""
-    import os
     import signal
     import subprocess
     import time
@@ -418,6 +436,7 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
 
 
 CLEAN_SHUTDOWN = "clean-shutdown"
+EXIT_RESTART = 70  # the Faust child asks its supervisor for a restart
 
 
 def discard_state_after_crash(settings: Settings) -> None:

@@ -160,6 +160,7 @@ def run_round(settings: Settings, schedule: FinetuneSchedule, config=None) -> di
     config = config or finetune_config_from_env()
     started = time.perf_counter()
     champion = checkpoints.load(settings.checkpoint)
+    metrics.MODEL_VERSION.set(champion.version)
     if champion.model is None:
         raise checkpoints.CheckpointError(f"{settings.checkpoint}: a pop checkpoint cannot be fine-tuned")
     window = read_window(settings, time.time() - schedule.window_s)
