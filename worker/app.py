@@ -144,14 +144,10 @@ class Worker:
                         await stream.ack(event)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # Crash-only: a batch that failed (e.g. a transaction left unusable by a
-                # rebalance) must not leave a half-working agent behind. Nothing of this batch was
-                # committed, so exiting lets the supervisor restart from the last commit with
-                # state rebuilt from the changelog.
-                log.exception("batch failed; exiting so that the supervisor restarts the worker")
-                logging.shutdown()
-                os._exit(EXIT_RESTART)
+            except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
+                # A batch that failed (e.g. a transaction left unusable by a rebalance) must not
+                # leave a half-working agent behind: nothing of it was committed.
+                exit_for_restart("batch failed")
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress.
@@ -171,12 +167,9 @@ class Worker:
                     return await force_commit(*args, **kwargs)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    # A commit that fails leaves the transactions in an unknown state: restart
-                    # from the last good commit rather than carry on uncommitted (see _agent).
-                    log.exception("commit failed; exiting so that the supervisor restarts the worker")
-                    logging.shutdown()
-                    os._exit(EXIT_RESTART)
+                except Exception:  # noqa: BLE001  (as in _agent)
+                    # A failed commit leaves the transactions in an unknown state.
+                    exit_for_restart("commit failed")
 
         consumer.force_commit = gated_force_commit
         consumer._ksr_gated = True
@@ -437,6 +430,18 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
 
 CLEAN_SHUTDOWN = "clean-shutdown"
 EXIT_RESTART = 70  # the Faust child asks its supervisor for a restart
+
+
+def exit_for_restart(what: str) -> None:
+    """Crash-only recovery: log the exception being handled and leave at once.
+
+    Everything a batch does is committed in Kafka transactions, so whatever was not committed is
+    redone after the supervisor restarts the worker, from the last commit and with local state
+    rebuilt from the changelog; carrying on after a failure could commit a half-done batch.
+    """
+    log.exception("%s; exiting so that the supervisor restarts the worker", what)
+    logging.shutdown()
+    os._exit(EXIT_RESTART)
 
 
 def discard_state_after_crash(settings: Settings) -> None:
