@@ -19,7 +19,7 @@ import torch
 from model.evaluate import pad
 from model.ksr import KSR
 from model.metrics import RankingMetrics, target_ranks
-from model.train import TrainConfig, train_epoch
+from model.train import TrainConfig, item_popularity, train_epoch
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,8 @@ def fine_tune(
     )
     generator = random.Random(config.seed)
     sequences = split.train_sequences()
-    popularity = torch.bincount(
-        torch.as_tensor(np.concatenate([s for s in sequences if len(s)] or [np.zeros(0, np.int64)])),
-        minlength=champion.config.n_items,
-    ).float()
-    negative_weights = popularity + 1  # BPR's popularity-sampled negatives, never the padding row
+    # BPR's popularity-sampled negatives (smoothed), never the padding row.
+    negative_weights = item_popularity(sequences, champion.config.n_items) + 1
     negative_weights[0] = 0
     started = time.perf_counter()
     epochs, losses = 0, []

@@ -120,11 +120,6 @@ def checkpoint_settings(checkpoint: Checkpoint) -> tuple[training.TrainConfig, K
     return train_config, model_config, transe
 
 
-def _popularity(sequences: list[np.ndarray], n_items: int) -> torch.Tensor:
-    items = np.concatenate([s for s in sequences if len(s)] or [np.zeros(0, dtype=np.int64)])
-    return torch.as_tensor(np.bincount(items, minlength=n_items), dtype=torch.float32)
-
-
 def _fit(
     model: KSR,
     sequences: list[np.ndarray],
@@ -138,7 +133,7 @@ def _fit(
     training.seed_everything(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = random.Random(seed)
-    negative_weights = _popularity(sequences, model.config.n_items)
+    negative_weights = training.item_popularity(sequences, model.config.n_items)
     negative_weights[0] = 0
     events = sum(len(s) for s in sequences)
     for epoch in range(1, epochs + 1):

@@ -61,6 +61,12 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def item_popularity(sequences: list[np.ndarray], n_items: int) -> torch.Tensor:
+    """How often each item occurs in the sequences: (N,) float, the padding row included (0)."""
+    items = np.concatenate([s for s in sequences if len(s)] or [np.zeros(0, dtype=np.int64)])
+    return torch.as_tensor(np.bincount(items, minlength=n_items), dtype=torch.float32)
+
+
 def transe_embeddings(dataset: Dataset, config: TransEConfig) -> TransEEmbeddings:
     """Train TransE, or reuse the vectors cached for this data fingerprint and these settings."""
     key = hashlib.sha256(
@@ -164,8 +170,7 @@ def train(
     seed_everything(config.seed)
     split = LeaveOneOut.from_dataset(dataset)
     sequences = split.train_sequences()
-    train_items = np.concatenate([s for s in sequences if len(s)])
-    popularity = torch.as_tensor(np.bincount(train_items, minlength=dataset.n_items), dtype=torch.float32)
+    popularity = item_popularity(sequences, dataset.n_items)
     base_meta = {
         "model": config.model,
         "item_tokens": dataset.item_tokens,
