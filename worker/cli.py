@@ -25,6 +25,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
         path = data.fetch(args.name)
         print(path)
         return 0
+    if args.data_command == "synth":
+        from model import synth
+
+        result = synth.synth_with_stats(
+            args.out, users=args.users, items=args.items, events=args.events, seed=args.seed
+        )
+        if args.json:
+            _print_json(result.as_dict())
+        else:
+            print(result.path)
+        return 0
     raise SystemExit(f"unknown data command {args.data_command!r}")
 
 
@@ -169,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download, verify and cache a named data set")
     f.add_argument("name", choices=["ml-100k"])
+    f = data_sub.add_parser(
+        "synth", help="write a synthetic data set (knowledge graph of ml-100k's shape) for scale tests"
+    )
+    f.add_argument("--out", required=True, help="folder to write (NAME.inter, NAME.kg, NAME.link)")
+    f.add_argument("--users", type=int, default=1_000_000, help="users; each has at least one event")
+    f.add_argument("--items", type=int, default=100_000, help="items; each has at least one event")
+    f.add_argument("--events", type=int, default=None, help="events (default: max(users, items))")
+    f.add_argument("--seed", type=int, default=7, help="same seed, same bytes")
+    f.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("train", help="train TransE + KSR (or gru4rec, pop) and write a checkpoint")
