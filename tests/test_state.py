@@ -39,10 +39,33 @@ def test_float16_state_is_smaller_and_close() -> None:
     np.testing.assert_allclose(back.memory_values, user.memory_values, atol=2e-3, rtol=1e-3)
 
 
-def test_state_without_memory_round_trips() -> None:
+def test_int8_state_is_a_quarter_and_within_its_error_bound() -> None:
+    user = sample_user()
+    user.memory_values[3] = 0.0  # a slot never written: scale 0 must decode to exact zeros
+    full, small = encode(user, "float32"), encode(user, "int8")
+    assert len(small) < 0.3 * len(full)
+    back = decode(small)
+    bound_h = np.abs(user.hidden).max() / 254 + 1e-7
+    assert np.abs(back.hidden - user.hidden).max() <= bound_h
+    bounds = np.abs(user.memory_values).max(axis=1, keepdims=True) / 254 + 1e-7
+    assert (np.abs(back.memory_values - user.memory_values) <= bounds).all()
+    assert not back.memory_values[3].any()
+    assert np.array_equal(back.evidence, user.evidence) and back.recent_ids == user.recent_ids
+
+
+def test_default_model_state_fits_the_per_user_budget_in_int8() -> None:
+    # Default dims (hidden 128, 10 relations of 64), one event: the scale goal is <= 1.5 KB on disk.
+    user = sample_user()
+    user.history = user.history[:1]
+    user.recent_ids = user.recent_ids[:1]
+    assert len(encode(user, "float16")) > 1536 > len(encode(user, "int8")) + 300
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_state_without_memory_round_trips(precision: str) -> None:
     user = sample_user(relations=0, kb_dim=0)
     user.memory_values = np.zeros((0, 0), np.float32)
-    back = decode(encode(user))
+    back = decode(encode(user, precision))
     assert back.memory_values.shape == (0, 0) and back.evidence.shape == (0,)
 
 

@@ -113,7 +113,7 @@ class Settings:
             ),
             commit_interval_s=_positive_float("KSR_COMMIT_INTERVAL_MS", 100.0) / 1000,
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
-            state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16")),
+            state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             kafka_security=kafka_security_from_env(),
         )
 

@@ -3,13 +3,15 @@
 Layout (little-endian), format version 1:
 
     u8   format version (1)
-    u8   precision of the float arrays (0 = float32, 1 = float16)
+    u8   precision of the float arrays (0 = float32, 1 = float16, 2 = int8)
     u32  model version that produced the GRU state
     u32  events applied so far
     f64  timestamp of the last event
     u16  hidden size H, u16 relations A, u16 KB dim D, u16 history length L, u16 recent ids R
     H floats      GRU state h
     A*D floats    memory values v_1..v_A
+                  (int8: H int8 then one f32 scale, A*D int8 then A f32 scales, one per slot;
+                  value = q * scale / 127, so the error is at most scale / 254 per entry)
     ceil(A/8) B   evidence bits (key hashing's written-slot set)
     L x i32       the last L item indices, oldest first (seen-item filter, recomputation)
     R x u64       hashes of the most recent event ids (replayed duplicates change nothing)
@@ -26,7 +28,7 @@ import torch
 
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<BBIId5H")
-_PRECISIONS = {"float32": (0, np.float32), "float16": (1, np.float16)}
+_PRECISIONS = {"float32": (0, np.float32), "float16": (1, np.float16), "int8": (2, np.int8)}
 _BY_CODE = {code: dtype for code, dtype in _PRECISIONS.values()}
 
 
@@ -53,21 +55,50 @@ def event_id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
+def _quantize(rows: np.ndarray) -> bytes:
+    """int8 rows with one float32 scale per row (symmetric, the row's largest magnitude)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    scale = np.abs(rows).max(axis=-1) if rows.size else np.zeros(rows.shape[:-1], np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    q = np.rint(rows / safe * 127).astype(np.int8)
+    return q.tobytes() + scale.astype("<f4").tobytes()
+
+
+def _dequantize(raw: bytes, rows: int, width: int) -> np.ndarray:
+    q = np.frombuffer(raw[: rows * width], dtype=np.int8).reshape(rows, width).astype(np.float32)
+    scale = np.frombuffer(raw[rows * width :], dtype="<f4")
+    return q * (scale[:, None] / 127)
+
+
+def _float_bytes(code: int, dtype, h: int, a: int, d: int) -> tuple[int, int]:
+    """Bytes of the hidden state and of the memory in a given precision."""
+    if code == 2:
+        return h + 4, a * d + 4 * a
+    size = np.dtype(dtype).itemsize
+    return h * size, a * d * size
+
+
 def encode(user: StoredUser, precision: str = "float32") -> bytes:
     """Pack a user's state; `precision` picks how the float arrays are stored."""
     code, dtype = _PRECISIONS[precision]
-    hidden = np.ascontiguousarray(user.hidden, dtype=dtype)
-    memory = np.ascontiguousarray(user.memory_values, dtype=dtype)
+    memory = np.asarray(user.memory_values)
     relations, kb_dim = memory.shape if memory.ndim == 2 else (0, 0)
+    if code == 2:
+        hidden_bytes = _quantize(np.asarray(user.hidden).reshape(1, -1))
+        memory_bytes = _quantize(memory.reshape(relations, kb_dim))
+    else:
+        hidden_bytes = np.ascontiguousarray(user.hidden, dtype=dtype).tobytes()
+        memory_bytes = np.ascontiguousarray(memory, dtype=dtype).tobytes()
+    hidden_size = np.asarray(user.hidden).shape[0]
     header = _HEADER.pack(
         FORMAT_VERSION, code, user.model_version, user.events, user.last_ts,
-        hidden.shape[0], relations, kb_dim, len(user.history), len(user.recent_ids),
+        hidden_size, relations, kb_dim, len(user.history), len(user.recent_ids),
     )
     evidence = np.packbits(np.asarray(user.evidence) > 0.5, bitorder="little")
     return b"".join((
         header,
-        hidden.tobytes(),
-        memory.tobytes(),
+        hidden_bytes,
+        memory_bytes,
         evidence.tobytes(),
         np.asarray(user.history, dtype="<i4").tobytes(),
         np.asarray(user.recent_ids, dtype="<u8").tobytes(),
@@ -84,7 +115,7 @@ def decode(blob: bytes) -> StoredUser:
     if code not in _BY_CODE:
         raise StateDecodeError(f"unknown float precision code {code}")
     dtype = np.dtype(_BY_CODE[code])
-    sizes = [h * dtype.itemsize, a * d * dtype.itemsize, (a + 7) // 8, 4 * n_history, 8 * n_recent]
+    sizes = [*_float_bytes(code, dtype, h, a, d), (a + 7) // 8, 4 * n_history, 8 * n_recent]
     if len(blob) != _HEADER.size + sum(sizes):
         raise StateDecodeError(f"user state is {len(blob)} bytes, its header implies {_HEADER.size + sum(sizes)}")
     offset = _HEADER.size
@@ -92,8 +123,12 @@ def decode(blob: bytes) -> StoredUser:
     for size in sizes:
         parts.append(blob[offset : offset + size])
         offset += size
-    hidden = np.frombuffer(parts[0], dtype=dtype).astype(np.float32)
-    memory = np.frombuffer(parts[1], dtype=dtype).astype(np.float32).reshape(a, d)
+    if code == 2:
+        hidden = _dequantize(parts[0], 1, h).reshape(h)
+        memory = _dequantize(parts[1], a, d)
+    else:
+        hidden = np.frombuffer(parts[0], dtype=dtype).astype(np.float32)
+        memory = np.frombuffer(parts[1], dtype=dtype).astype(np.float32).reshape(a, d)
     evidence = np.unpackbits(np.frombuffer(parts[2], dtype=np.uint8), count=a, bitorder="little")
     return StoredUser(
         model_version=model_version,
