@@ -21,12 +21,6 @@ def test_worker_killed_mid_stream_answers_every_event_exactly_once(bootstrap, sm
     assert result["max_state_diff"] <= 1e-5, result
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, under investigation: when the survivor's rebalance after the kill hits Faust's "
-    "changelog consistency check and restarts, one event in a few thousand has been seen unanswered "
-    "(and once 577 before the crash-only restart was added); the scenario's logs are kept for it",
-)
 def test_surviving_worker_takes_over_a_killed_workers_users_with_their_state(bootstrap, small_checkpoint) -> None:
     result = faults.scale_out(bootstrap, str(small_checkpoint), events=4000, rate=400, kill_after=5)
     assert result["lost"] == 0 and result["duplicated"] == 0, result

@@ -25,6 +25,7 @@ from faust.types import TP
 from model.serving import Recommender
 from worker import metrics
 from worker.config import Settings
+from worker.ledger import BrokerOffsets, Delivery, OffsetLedger
 from worker.processing import BatchProcessor, Source
 from worker.state import StateDecodeError, StoredUser, decode, encode
 
@@ -73,11 +74,48 @@ def faust_credentials(settings: Settings):
     return faust.SSLCredentials(context)
 
 
+def ask_broker_for_highwaters(settings: Settings) -> None:
+    """Make Faust's table recovery ask the broker where each changelog partition ends.
+
+    With exactly-once processing faust-streaming 0.15 reads the changelog's end from the consumer's
+    cached last stable offset, which aiokafka only knows after it has fetched from that partition.
+    Right after a rebalance hands this worker a partition it has not fetched yet, that is unknown,
+    recovery takes the end to be -1 and either skips restoring the partition (its users would go on
+    from stale or empty state) or stops on a ConsistencyError. A ListOffsets request to the broker
+    (with the consumer's isolation level, so read_committed gets the last stable offset) is right.
+
+    The end Faust wants is the offset of the last record it will read. With transactions that is
+    not the log end minus one, which is the commit marker: Faust would wait for a record that never
+    comes and only give up after two 5-second timeouts, in every recovery. So the last committed
+    record is looked up (worker.ledger.last_records). Faust-streaming is pinned;
+    tests/test_reliability.py covers the takeover.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    from worker.ledger import last_records
+
+    thread_cls = driver.AIOKafkaConsumerThread
+    security = aiokafka_security(settings)
+
+    async def _highwaters(self, partitions):
+        ends = await self._ensure_consumer().end_offsets(list(partitions))
+        if not self.consumer.in_transaction:
+            return ends
+        last = await last_records(settings.bootstrap_servers, security, ends)
+        # Faust subtracts one from what this returns.
+        return {tp: (last[tp] + 1 if last.get(tp) is not None else end) for tp, end in ends.items()}
+
+    thread_cls._highwaters = _highwaters
+
+
 class Worker:
     """The app with its topics, table and agent, bound to one Settings and one Recommender."""
 
     def __init__(self, settings: Settings, recommender: Recommender, partitions: int) -> None:
         self.settings = settings
+        ask_broker_for_highwaters(settings)
+        self.ledger = OffsetLedger()
+        self.offsets = BrokerOffsets(settings.bootstrap_servers, settings.app_id, aiokafka_security(settings))
         self.processor = BatchProcessor(
             recommender,
             top_k=settings.top_k,
@@ -134,20 +172,28 @@ class Worker:
 
     async def _agent(self, stream) -> None:
         self._gate_commits()
-        async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
-            # A batch is one unit for the commit: its answers, its state changelog records and its
-            # input offsets all land in the same transaction, or none of them do.
-            try:
-                async with self.commit_gate:
-                    await self.handle(events)
-                    for event in events:
-                        await stream.ack(event)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
-                # A batch that failed (e.g. a transaction left unusable by a rebalance) must not
-                # leave a half-working agent behind: nothing of it was committed.
-                exit_for_restart("batch failed")
+        try:
+            async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
+                await self._batch(stream, events)
+        finally:
+            await self.offsets.stop()
+
+    async def _batch(self, stream, events) -> None:
+        # A batch is one unit for the commit: its answers, its state changelog records and its
+        # input offsets all land in the same transaction, or none of them do.
+        try:
+            async with self.commit_gate:
+                fresh = await self._admit(events)
+                if fresh:
+                    await self.handle(fresh)
+                for event in events:
+                    await stream.ack(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
+            # A batch that failed (e.g. a transaction left unusable by a rebalance) must not
+            # leave a half-working agent behind: nothing of it was committed.
+            exit_for_restart("batch failed")
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress.
@@ -172,7 +218,51 @@ class Worker:
                     exit_for_restart("commit failed")
 
         consumer.force_commit = gated_force_commit
+        commit_offsets = consumer._commit_offsets
+
+        async def ledger_commit_offsets(offsets, start_new_transaction: bool = True):
+            # Never commit past an event this worker has not processed (see worker.ledger).
+            offsets = self.ledger.clamp(offsets, self.settings.interactions_topic, self.app.consumer_generation_id)
+            if not offsets:
+                return False
+            return await commit_offsets(offsets, start_new_transaction=start_new_transaction)
+
+        consumer._commit_offsets = ledger_commit_offsets
         consumer._ksr_gated = True
+
+    async def _admit(self, events) -> list:
+        """The batch's events this worker has not processed yet, in order; stops on a hole.
+
+        Checked against the ledger (worker.ledger): redeliveries are dropped, events from before a
+        rebalance are left for their redelivery, and a jump in offsets is checked with the broker.
+        Runs under the commit gate, and marks the events processed: a failure in the batch exits
+        the process before any commit.
+        """
+        generation = self.app.consumer_generation_id
+        fresh = []
+        for event in events:
+            message = event.message
+            if message.generation_id != generation:
+                metrics.SKIPPED_EVENTS.labels("old_generation").inc()
+                continue
+            tp = message.tp
+            if not self.ledger.knows(tp, generation):
+                self.ledger.start(tp, await self.offsets.committed(tp), generation)
+            kind = self.ledger.classify(tp, message.offset)
+            if kind is Delivery.REDELIVERED:
+                metrics.SKIPPED_EVENTS.labels("redelivered").inc()
+                continue
+            if kind is Delivery.JUMP:
+                expected = self.ledger.expected(tp)
+                if await self.offsets.consumable_between(tp, expected, message.offset):
+                    metrics.OFFSET_JUMPS.labels("hole").inc()
+                    log.error("%s: offset %d arrived but %d..%d were never delivered; restarting to read "
+                              "them again from the last commit", tp, message.offset, expected, message.offset - 1)
+                    exit_for_restart("undelivered events", with_traceback=False)
+                metrics.OFFSET_JUMPS.labels("no_records").inc()
+            self.ledger.processed(tp, message.offset)
+            fresh.append(event)
+        return fresh
 
     def _load(self, user_id: str) -> StoredUser | None:
         blob = self.user_state.get(user_id.encode())
@@ -242,6 +332,7 @@ class Worker:
         # One model step for the whole batch, whichever partitions its events came from.
         result = self.processor.process(sources, self._load)
         event_of_partition = {e.message.partition: e for e in events}
+        await self._ensure_transactions(event_of_partition)
         precision = self.settings.state_precision
         for partition, event in event_of_partition.items():
             # The RocksDB store picks its partition from the current event, which take_events does
@@ -291,6 +382,26 @@ class Worker:
                     table.data.set_persisted_offset(tp, done.result().offset)
 
         future.add_done_callback(persisted)
+
+    async def _ensure_transactions(self, partitions) -> None:
+        """Make sure each source partition's transactional producer is in a transaction.
+
+        Around a rebalance Faust may begin a partition's transaction while its commit of the
+        previous one is still running, and that commit then leaves the producer with no open
+        transaction (logged by Faust as "Exception in begin_transaction"). Sending then fails.
+        Beginning one here is what Faust meant to do: the batch's sends and its offsets still go
+        in the same transaction, committed by Faust's next commit of that partition.
+        """
+        if not self.app.in_transaction:
+            return
+        group = self.app.assignor.group_for_topic(self.settings.interactions_topic)
+        producer = self.app.producer
+        for partition in partitions:
+            transactional_id = f"{self.app.conf.id}-{group}-{partition}"
+            client = producer._transaction_producers.get(transactional_id)
+            if client is not None and not client._txn_manager.is_in_transaction():
+                log.info("%s: no open transaction after a rebalance; beginning one", transactional_id)
+                await producer.begin_transaction(transactional_id)
 
     async def _send(self, topic: str, key: bytes | None, value: bytes, partition: int):
         """Send an answer in the transaction of the partition its event came from.
@@ -418,6 +529,14 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
     # Faust's terminal spinner sets the root logger to DEBUG so that it turns on every record; every
     # debug call in aiokafka then builds a LogRecord on the hot path. No spinner, no such cost.
     runner.spinner = None
+    profiler = None
+    if os.environ.get("KSR_PROFILE"):
+        # cProfile of the event-loop thread (agent, Faust, producer; not aiokafka's consumer
+        # thread), written when the worker stops; `ksr bench throughput --profile` summarises it.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         runner.execute_from_commandline()
     except SystemExit as stop:
@@ -425,6 +544,10 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
             # Faust stopped its services (final commit, RocksDB closed): the local state is clean.
             (settings.state_dir / CLEAN_SHUTDOWN).touch()
         raise
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.environ["KSR_PROFILE"])
     return 0
 
 
@@ -432,14 +555,14 @@ CLEAN_SHUTDOWN = "clean-shutdown"
 EXIT_RESTART = 70  # the Faust child asks its supervisor for a restart
 
 
-def exit_for_restart(what: str) -> None:
+def exit_for_restart(what: str, with_traceback: bool = True) -> None:
     """Crash-only recovery: log the exception being handled and leave at once.
 
     Everything a batch does is committed in Kafka transactions, so whatever was not committed is
     redone after the supervisor restarts the worker, from the last commit and with local state
     rebuilt from the changelog; carrying on after a failure could commit a half-done batch.
     """
-    log.exception("%s; exiting so that the supervisor restarts the worker", what)
+    (log.exception if with_traceback else log.error)("%s; exiting so that the supervisor restarts the worker", what)
     logging.shutdown()
     os._exit(EXIT_RESTART)
 

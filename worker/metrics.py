@@ -27,6 +27,14 @@ LATENCY_SECONDS = Histogram(
 MODEL_VERSION = Gauge("ksr_model_version", "Version of the model being served")
 USERS_IN_STATE = Gauge("ksr_users_in_state", "Users with state in this worker's partitions (estimate)")
 RECOMPUTED_USERS = Counter("ksr_recomputed_users", "Users whose state was recomputed after a model swap")
+SKIPPED_EVENTS = Counter(
+    "ksr_skipped_deliveries", "Deliveries not processed: redelivered (already processed) or from before a rebalance",
+    ["reason"],
+)
+OFFSET_JUMPS = Counter(
+    "ksr_offset_jumps", "Jumps in input offsets, by what the broker holds in between (no_records: transaction "
+    "markers and the like; hole: undelivered events, the worker restarts)", ["result"],
+)
 MODEL_SWAPS = Counter("ksr_model_swaps", "Model swap attempts by result", ["result"])
 
 
