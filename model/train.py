@@ -202,6 +202,11 @@ def train(
     negative_weights = popularity.clone()
     negative_weights[0] = 0
     best = {"epoch": -1, "valid": {"ndcg@10": -1.0}}
+    if config.epochs == 0:
+        # A serving checkpoint with the initial weights (and whatever TransE learned): for load
+        # tests on catalogs too large to evaluate, never for quality.
+        _log(f"{config.model}: --epochs 0: writing the initial weights, no training or evaluation")
+        best = {"epoch": 0, "valid": None, "test": None}
     best_state = copy.deepcopy(model.state_dict())
     history = []
     epochs_started = time.perf_counter()

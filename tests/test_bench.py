@@ -34,3 +34,28 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["events"] == 2000 and figures["catalog"] == 1682
     assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert figures["data"] == "ml-100k" and figures["users"] > 0
+    assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
+    assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> None:
+    """The scale path end to end, small: synth data, an untrained serving checkpoint, the benchmark."""
+    data, checkpoint = tmp_path / "synth-small", tmp_path / "synth-ckpt"
+    subprocess.run([*KSR, "data", "synth", "--out", str(data), "--users", "600", "--items", "400"],
+                   cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    subprocess.run([*KSR, "train", "--data", str(data), "--out", str(checkpoint), "--epochs", "0",
+                    "--transe-epochs", "1", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                   check=True)
+    result = subprocess.run(
+        [*KSR, "bench", "throughput", "--data", str(data), "--events", "1000", "--checkpoint", str(checkpoint),
+         "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KSR_STATE_PRECISION": "int8"},
+    )
+    figures = json.loads(result.stdout)
+    assert figures["catalog"] == 400 and figures["data"] == "synth-small"
+    assert figures["state_precision"] == "int8"
+    assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0

@@ -97,28 +97,106 @@ async def _raw_pipe(settings: Settings, source: str, sink: str, count: int, repl
     return count / elapsed
 
 
-def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None) -> list:
-    """Read `count` committed messages of `topic` from the start; (receive time, record) pairs."""
+def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None, metrics_url=None):
+    """Read `count` committed messages of `topic` from the start.
+
+    Returns the produce timestamps (seconds) of the messages, the longest message value among the
+    first 100, and (messages seen, worker resident memory) samples taken every 2 s from the
+    worker's own `process_resident_memory_bytes` (when `metrics_url` is given).
+    """
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
                              enable_auto_commit=False, isolation_level="read_committed",
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
-    out = []
+    stamps: list[float] = []
+    longest = b""
+    rss: list[tuple[int, float]] = []
     deadline = time.monotonic() + timeout
+    next_sample = 0.0
     try:
-        while len(out) < count and time.monotonic() < deadline:
+        while len(stamps) < count and time.monotonic() < deadline:
             for record in consumer:
-                out.append((time.time(), record))
-                if len(out) >= count:
+                stamps.append(record.timestamp / 1000)
+                if len(stamps) <= 100 and len(record.value) > len(longest):
+                    longest = record.value
+                if metrics_url and time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + 2.0
+                    value = _scrape(metrics_url, "process_resident_memory_bytes")
+                    if value is not None:
+                        rss.append((len(stamps), value))
+                if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
                 raise RuntimeError("the worker exited during the benchmark")
     finally:
         consumer.close()
-    if len(out) < count:
-        raise RuntimeError(f"{topic}: {len(out)} of {count} messages within {timeout}s")
-    return out
+    if len(stamps) < count:
+        raise RuntimeError(f"{topic}: {len(stamps)} of {count} messages within {timeout}s")
+    return stamps, longest, rss
+
+
+def _scrape(url: str, name: str) -> float | None:
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss_growth(samples: list[tuple[int, float]], count: int) -> dict:
+    """Resident memory when 20% of the outputs were seen, at the end, and the growth in between."""
+    if not samples:
+        return {"rss_mb_at_20pct": None, "rss_mb_max_after": None, "rss_growth_last_80pct": None}
+    at_20 = next((rss for seen, rss in samples if seen >= 0.2 * count), samples[-1][1])
+    after = max(rss for seen, rss in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
+    return {"rss_mb_at_20pct": round(at_20 / 2**20, 1), "rss_mb_max_after": round(after / 2**20, 1),
+            "rss_growth_last_80pct": round(after / at_20 - 1, 4)}
+
+
+# Where a profiled function's own time is counted, by the first matching part of its file path.
+_COMPONENTS = (
+    ("/torch/", "model step (torch)"), ("/model/", "model step (torch)"),
+    ("worker/processing.py", "batch processing (validate, state, messages)"),
+    ("worker/state.py", "state encode/decode"), ("/json/", "json"), ("rocksdict", "rocksdb"),
+    ("/faust/tables/", "faust tables"), ("/faust/", "faust streams/consumer/producer"),
+    ("/aiokafka/", "aiokafka"), ("/mode/", "mode (faust services)"),
+    ("/asyncio/", "asyncio event loop"), ("worker/", "worker app"),
+)
+
+
+def profile_summary(path: str | Path, top: int = 12) -> dict:
+    """Own time of a cProfile dump grouped by component, and the top functions, as shares."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    total = sum(v[2] for v in stats.values()) or 1.0
+    groups: dict[str, float] = {}
+    for (filename, _, name), (_, _, tottime, _, _) in stats.items():
+        component = next((label for part, label in _COMPONENTS if part in filename), None)
+        if component is None:
+            component = "builtins (C calls)" if filename == "~" else "other python"
+            if filename == "~" and ("select" in name or "poll" in name):
+                component = "idle (waiting for I/O)"
+        groups[component] = groups.get(component, 0.0) + tottime
+    functions = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return {
+        "profiled_seconds": round(total, 1),
+        "share_by_component": {k: round(v / total, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_functions": [
+            {"function": f"{Path(f).name}:{line}({name})", "share": round(v[2] / total, 3), "calls": v[1]}
+            for (f, line, name), v in functions
+        ],
+    }
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def bench_throughput(
@@ -128,13 +206,19 @@ def bench_throughput(
     partitions: int = 4,
     timeout: float = 600.0,
     worker_env: dict | None = None,
+    data: str = "ml-100k",
+    profile: str | None = None,
 ) -> dict:
-    """Run (a) and (b) and the latency phase; returns the figures."""
+    """Run (a) and (b) and the latency phase; returns the figures.
+
+    Also reports the worker's resident memory growth over the last 80% of the backlog and, after
+    the worker stopped (RocksDB flushed and closed), its state folder's bytes per user.
+    """
     from model.data import load
 
     base = Settings.from_env()
     checkpoint = checkpoint or str(base.checkpoint)
-    dataset = load("ml-100k")
+    dataset = load(data)
     tag = uuid.uuid4().hex[:8]
     names = {k: f"bench{tag}.{k}" for k in ("raw-in", "raw-out", "in", "out", "dlq", "updates")}
     _create_topics(base, list(names.values()), partitions)
@@ -144,12 +228,14 @@ def bench_throughput(
     _produce(base.bootstrap_servers, names["in"], backlog, base.kafka_security)
 
     state_dir = Path(tempfile.mkdtemp(prefix="ksr-bench-"))
+    metrics_port = os.environ.get("KSR_BENCH_METRICS_PORT", "9474")
     env = {
         **os.environ, "KSR_APP_ID": f"bench-{tag}", "KSR_TOPIC_INTERACTIONS": names["in"],
         "KSR_TOPIC_RECOMMENDATIONS": names["out"], "KSR_TOPIC_DLQ": names["dlq"],
         "KSR_TOPIC_MODEL_UPDATES": names["updates"], "KSR_CHECKPOINT": checkpoint,
-        "KSR_STATE_DIR": str(state_dir), "KSR_METRICS_PORT": os.environ.get("KSR_BENCH_METRICS_PORT", "9474"),
+        "KSR_STATE_DIR": str(state_dir), "KSR_METRICS_PORT": metrics_port,
         **(worker_env or {}),
+        **({"KSR_PROFILE": str(Path(profile).resolve())} if profile else {}),
     }
     _log("(b) worker: draining the backlog")
     log_path = state_dir / "worker.log"
@@ -157,13 +243,13 @@ def bench_throughput(
         worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT, env=env,
                                   stdout=log, stderr=log, start_new_session=True)
     try:
-        outputs = _drain(base, names["out"], events, timeout, worker)
+        stamps, reply, rss = _drain(base, names["out"], events, timeout, worker,
+                                    metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
         # Saturation rate over the middle 80% of the outputs (by their produce timestamps), so the
         # start-up rebalance and the tail do not count.
-        stamps = sorted(record.timestamp / 1000 for _, record in outputs)
+        stamps.sort()
         low, high = int(0.1 * len(stamps)), int(0.9 * len(stamps)) - 1
         worker_eps = (high - low) / max(stamps[high] - stamps[low], 1e-9)
-        reply = max((record.value for _, record in outputs[:100]), key=len)
 
         rate = worker_eps / 2
         _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
@@ -173,9 +259,11 @@ def bench_throughput(
     finally:
         worker.terminate()
         try:
-            worker.wait(30)
+            worker.wait(60)
         except subprocess.TimeoutExpired:
             worker.kill()
+    users = len({key for key, _ in backlog} | {key for key, _ in paced})
+    state_bytes = _disk_bytes(state_dir) - log_path.stat().st_size
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
     raw_eps = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
@@ -195,8 +283,14 @@ def bench_throughput(
         "events": events,
         "partitions": partitions,
         "catalog": dataset.n_items - 1,
+        "data": dataset.name,
         "output_bytes": len(reply),
         "processing_guarantee": env.get("KSR_PROCESSING_GUARANTEE", base.processing_guarantee),
+        "state_precision": env.get("KSR_STATE_PRECISION", base.state_precision),
+        "users": users,
+        "state_bytes_per_user": round(state_bytes / max(users, 1), 1),
+        **_rss_growth(rss, events),
+        **({"profile": profile_summary(profile)} if profile else {}),
     }
 
 

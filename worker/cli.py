@@ -144,7 +144,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "throughput":
         from worker.bench import bench_throughput
 
-        result = bench_throughput(checkpoint=args.checkpoint, events=args.events)
+        result = bench_throughput(checkpoint=args.checkpoint, events=args.events, data=args.data,
+                                  timeout=args.timeout, profile=args.profile)
     elif args.bench == "faults":
         from worker import broker, faults
         from worker.config import Settings
@@ -259,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=20000, help="throughput: backlog size")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
+    p.add_argument("--data", default="ml-100k", help="throughput: events from ml-100k or a data folder "
+                   "(e.g. from `ksr data synth`; the checkpoint must be trained on its catalog)")
+    p.add_argument("--timeout", type=float, default=600.0, help="throughput: seconds allowed per phase")
+    p.add_argument("--profile", default=None, help="throughput: cProfile the worker into this file and "
+                   "summarise it in the output (profiling slows the worker down)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
