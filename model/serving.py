@@ -75,6 +75,11 @@ class Recommender:
         return state
 
     @torch.no_grad()
+    def step(self, state: UserState, items: torch.Tensor) -> UserState:
+        """One event for each of B users: their new states (rank them later, all at once)."""
+        return self.model.step(state, items)
+
+    @torch.no_grad()
     def advance(
         self, state: UserState, items: torch.Tensor, seen: Sequence[Sequence[int]], k: int = 10
     ) -> tuple[UserState, list[Recommendation]]:

@@ -290,6 +290,12 @@ class BatchProcessor:
                 rounds.append([])
             rounds[n].append(entry)
 
+        # A round updates states only; every event of the batch is ranked at once afterwards (one
+        # scoring matmul and top-k instead of one per round), each against its own state and seen
+        # items at that event.
+        emitted: list[tuple[Source, Interaction, int]] = []
+        states: list[UserState] = []
+        seen: list[np.ndarray] = []
         for round_entries in rounds:
             fresh = []
             for entry in round_entries:
@@ -300,8 +306,11 @@ class BatchProcessor:
                     continue
                 fresh.append(entry)
             if fresh:
-                self._step(fresh, users, result)
+                states.append(self._step(fresh, users, result, seen))
+                emitted.extend(fresh)
                 result.rounds += 1
+        if emitted:
+            self._emit(emitted, UserState.stack(states), seen, result)
         result.states = {u: (partition_of[u], users[u]) for u in seen_in_batch}
         return result
 
@@ -320,32 +329,49 @@ class BatchProcessor:
         entries: list[tuple[Source, Interaction, int]],
         users: dict[str, StoredUser],
         result: BatchResult,
-    ) -> None:
+        seen: list[np.ndarray],
+    ) -> UserState:
+        """One model step for one event of each user in `entries`; appends each event's seen items."""
         stored = [users[event.user_id] for _, event, _ in entries]
         state = UserState(*to_tensors(stored))
         items = torch.tensor([index for _, _, index in entries])
         for user, (_, event, index) in zip(stored, entries):
+            # np.append makes a new array, so `seen` keeps this event's snapshot.
             user.history = np.append(user.history, np.int32(index))[-self.history_length :]
+            seen.append(user.history)
             if event.event_id is not None:
                 user.recent_ids = (user.recent_ids + [event_id_hash(event.event_id)])[-self.recent_event_ids :]
             user.events += 1
             user.last_ts = event.ts
         started = time.perf_counter()
-        new_state, recommendations = self.recommender.advance(
-            state, items, [u.history for u in stored], self.top_k
-        )
+        new_state = self.recommender.step(state, items)
         result.step_seconds += time.perf_counter() - started
-        emitted = time.time()
-        for row, (user, (source, event, _), rec) in enumerate(zip(stored, entries, recommendations)):
+        for row, user in enumerate(stored):
             user.hidden = new_state.hidden[row].numpy()
             user.memory_values = new_state.memory_values[row].numpy()
             user.evidence = new_state.evidence[row].numpy()
             user.model_version = self.recommender.version
+        return new_state
+
+    def _emit(
+        self,
+        entries: list[tuple[Source, Interaction, int]],
+        state: UserState,
+        seen: list[np.ndarray],
+        result: BatchResult,
+    ) -> None:
+        """Rank every stepped event of the batch at once and build its recommendation message."""
+        started = time.perf_counter()
+        recommendations = self.recommender.rank(state, seen, self.top_k)
+        result.step_seconds += time.perf_counter() - started
+        emitted = time.time()
+        version = self.recommender.version
+        for (source, event, _), rec in zip(entries, recommendations):
             message = {
                 "user_id": event.user_id,
                 "items": rec.items,
                 "scores": rec.scores,
-                "model_version": self.recommender.version,
+                "model_version": version,
                 "explanation": rec.explanation,
                 "event_id": event.event_id,
                 "event_ts": event.ts,
