@@ -149,6 +149,35 @@ def _scrape(url: str, name: str) -> float | None:
     return None
 
 
+def _histogram(url: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts {upper bound: count} of a Prometheus histogram on `url`."""
+    from urllib.request import urlopen
+
+    buckets: dict[float, float] = {}
+    try:
+        with urlopen(url, timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + "_bucket{"):
+                    bound = line.split('le="', 1)[1].split('"', 1)[0]
+                    buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    except OSError:
+        return {}
+    return buckets
+
+
+def _bucket_quantile(before: dict, after: dict, q: float) -> float | None:
+    """The upper bucket bound below which a fraction `q` of the observations between two scrapes
+    fell (Prometheus buckets: the figure is a bound, not an exact percentile)."""
+    counts = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    total = counts[-1][1] if counts else 0
+    if not total:
+        return None
+    for bound, cumulative in counts:
+        if cumulative >= q * total:
+            return bound
+    return None
+
+
 def _rss_growth(samples: list[tuple[int, float]], count: int) -> dict:
     """Resident memory when 20% of the outputs were seen, at the end, and the growth in between."""
     if not samples:
@@ -193,6 +222,10 @@ def profile_summary(path: str | Path, top: int = 12) -> dict:
             for (f, line, name), v in functions
         ],
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def _disk_bytes(folder: Path) -> int:
@@ -255,7 +288,10 @@ def bench_throughput(
         _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
         latency_events = min(latency_events, int(rate * 30) or 1)  # at most ~30 s of load
         paced = _events(dataset, latency_events, offset=events)
+        histogram_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        emitted_before = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
         latencies = _paced_latencies(base, names, paced, rate, events, timeout, worker)
+        emitted_after = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
     finally:
         worker.terminate()
         try:
@@ -280,6 +316,10 @@ def bench_throughput(
         "p99_ms": percentile(0.99),
         "latency_rate_eps": round(rate, 1),
         "latency_events": len(latencies),
+        # Of that latency, event to recommendation emitted by the worker (before any commit), as
+        # the bucket bound of the worker's histogram: the rest is commit and delivery to the reader.
+        "emit_p50_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.50)),
+        "emit_p99_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.99)),
         "events": events,
         "partitions": partitions,
         "catalog": dataset.n_items - 1,
