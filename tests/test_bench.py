@@ -59,3 +59,28 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
     assert figures["catalog"] == 400 and figures["data"] == "synth-small"
     assert figures["state_precision"] == "int8"
     assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0
+
+
+def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:
+    import cProfile
+
+    import numpy as np
+    import torch
+
+    from worker.bench import profile_summary
+
+    def work() -> None:
+        for _ in range(200):
+            torch.topk(torch.randn(64, 2000), 10)
+            json.dumps({"items": list(range(50))})
+            np.sort(np.random.default_rng(0).random(1000))
+
+    profiler = cProfile.Profile()
+    profiler.runcall(work)
+    path = tmp_path / "work.prof"
+    profiler.dump_stats(str(path))
+    summary = profile_summary(path, top=5)
+    shares = summary["share_by_component"]
+    assert abs(sum(shares.values()) - 1) < 0.01
+    assert shares["model step (torch)"] > 0.2, shares  # topk on random matrices dominates
+    assert "json" in shares and len(summary["top_functions"]) == 5

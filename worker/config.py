@@ -79,6 +79,8 @@ class Settings:
     top_k: int
     history_length: int
     recent_event_ids: int
+    rocksdb_write_buffer_mb: int
+    rocksdb_block_cache_mb: int
     max_event_bytes: int
     processing_guarantee: str
     commit_interval_s: float
@@ -107,6 +109,8 @@ class Settings:
             top_k=_positive_int("KSR_TOP_K", 10),
             history_length=_positive_int("KSR_HISTORY_LENGTH", 1000),
             recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
+            rocksdb_write_buffer_mb=_positive_int("KSR_ROCKSDB_WRITE_BUFFER_MB", 16),
+            rocksdb_block_cache_mb=_positive_int("KSR_ROCKSDB_BLOCK_CACHE_MB", 64),
             max_event_bytes=_positive_int("KSR_MAX_EVENT_BYTES", 64 * 1024),
             processing_guarantee=_choice(
                 "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")
