@@ -12,6 +12,7 @@ that partition's one Kafka transaction.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ class Worker:
 
     async def _agent(self, stream) -> None:
         self._gate_commits()
+        self._fast_delivery()
         try:
             async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
                 await self._batch(stream, events)
@@ -201,6 +203,45 @@ class Worker:
             # A batch that failed (e.g. a transaction left unusable by a rebalance) must not
             # leave a half-working agent behind: nothing of it was committed.
             exit_for_restart("batch failed")
+
+    def _fast_delivery(self) -> None:
+        """Hand each fetched message to Faust's conductor without four asyncio tasks around it.
+
+        Faust's fetcher delivers every message with ``wait_first(callback(message),
+        suspend_flow.wait())``, which wraps the delivery, the suspend event and the service's
+        stopped and crashed events in four tasks, waits for the first and cancels the rest: about
+        a fifth of the worker's time at saturation. When the flow is not suspended this awaits the
+        delivery directly. A delivery that then meets a rebalance is no longer abandoned halfway;
+        it completes, and the stream skips the stale event as it skips any other (the ledger keeps
+        commits exact either way). ``KSR_FAST_DELIVERY=0`` turns it off.
+        """
+        if not self.settings.fast_delivery:
+            return
+        from mode.services import WaitResults
+
+        consumer = self.app.consumer
+        if getattr(consumer, "_ksr_fast_delivery", False):
+            return
+        original = consumer.wait_first
+
+        async def wait_first(*coros, timeout=None):
+            suspend = consumer.suspend_flow
+            if (
+                timeout is None
+                and len(coros) == 2
+                and inspect.iscoroutine(coros[0])
+                and inspect.iscoroutine(coros[1])
+                and coros[1].cr_frame is not None
+                and coros[1].cr_frame.f_locals.get("self") is suspend
+                and not suspend.is_set()
+                and not consumer.should_stop
+            ):
+                coros[1].close()  # the suspend wait, never started
+                return WaitResults([coros[0]], [await coros[0]], False)
+            return await original(*coros, timeout=timeout)
+
+        consumer.wait_first = wait_first
+        consumer._ksr_fast_delivery = True
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress.
