@@ -157,7 +157,7 @@ class Worker:
             key_type=bytes,
             value_type=bytes,
             # Per partition: Faust's defaults (64 MiB x 3 write buffers, a 2 GiB block cache, bloom
-            # filters of 3 bits per key: one lookup of a new user in six reads a block) let the
+            # filters of 3 bits per key, false positives for about a quarter of absent keys) let the
             # worker's memory grow by gigabytes as the table fills.
             options={
                 "driver": "rocksdict",
