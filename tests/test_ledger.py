@@ -92,7 +92,7 @@ def test_broker_tells_records_from_transaction_markers_and_aborted_records(boots
         return out
 
     result = asyncio.run(scenario())
-    assert result["after"] > 8, result  # aborted records and the marker took offsets 5..8 at least
+    assert result["after"] > 5, result  # the aborted transaction took offsets from 5 on (records, marker)
     assert result["start_uncommitted"] == 0
     assert result["hole"] is True
     assert result["aborted_only"] is False, "aborted records and markers are no events"
