@@ -122,7 +122,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                     longest = record.value
                 if metrics_url and time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + 2.0
-                    value = _scrape(metrics_url, "process_resident_memory_bytes")
+                    value = scrape_sample(metrics_url, "process_resident_memory_bytes")
                     if value is not None:
                         rss.append((len(stamps), value))
                 if len(stamps) >= count:
@@ -136,32 +136,32 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
     return stamps, longest, rss
 
 
-def _scrape(url: str, name: str) -> float | None:
+def _metrics_page(url: str, timeout: float = 2) -> list[str]:
+    """The lines of a Prometheus text page; none when the endpoint does not answer."""
     from urllib.request import urlopen
 
     try:
-        with urlopen(url, timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+        with urlopen(url, timeout=timeout) as response:
+            return response.read().decode().splitlines()
     except OSError:
-        return None
+        return []
+
+
+def scrape_sample(url: str, name: str, timeout: float = 2) -> float | None:
+    """The value of the unlabelled sample `name` on a metrics page, or None."""
+    for line in _metrics_page(url, timeout):
+        if line.startswith(name + " "):
+            return float(line.split()[1])
     return None
 
 
 def _histogram(url: str, name: str) -> dict[float, float]:
     """Cumulative bucket counts {upper bound: count} of a Prometheus histogram on `url`."""
-    from urllib.request import urlopen
-
     buckets: dict[float, float] = {}
-    try:
-        with urlopen(url, timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + "_bucket{"):
-                    bound = line.split('le="', 1)[1].split('"', 1)[0]
-                    buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
-    except OSError:
-        return {}
+    for line in _metrics_page(url):
+        if line.startswith(name + "_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
     return buckets
 
 

@@ -366,16 +366,9 @@ def _clean_up(base: Path, result: dict) -> None:
 
 
 def _counter(worker: WorkerProcess, name: str) -> float:
-    from urllib.request import urlopen
+    from worker.bench import scrape_sample
 
-    try:
-        with urlopen(worker.metrics_url, timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-    except OSError:
-        return 0.0
-    return 0.0
+    return scrape_sample(worker.metrics_url, name, timeout=5) or 0.0
 
 
 def _wait_for_metrics(worker: WorkerProcess, timeout: float = 120) -> None:
