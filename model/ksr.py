@@ -243,29 +243,36 @@ class KSR(nn.Module):
         return state
 
     # ----------------------------------------------------------------------------- batch forward
-    def forward(self, items: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, UserState]:
-        """Batch forward over right-padded sequences, the training path.
+    def forward(
+        self, items: Tensor, lengths: Tensor, state: UserState | None = None
+    ) -> tuple[Tensor, Tensor, UserState]:
+        """Batch forward over right-padded sequences: the training path, and the worker's path for
+        a batch that holds several events of the same user.
 
-        items (B, T) with 0 after each user's length; lengths (B,).
-        Returns user vectors after every position (B, T, O), read weights (B, T, A), and the final
-        state of each user (after position length-1). Padded positions hold garbage; mask them.
+        items (B, T) with 0 after each user's length; lengths (B,); state: each user's state before
+        the first item (None: users with no events). Returns user vectors after every position
+        (B, T, O), read weights (B, T, A), and the final state of each user (after position
+        length-1; a user of length 0 keeps `state`). Padded positions hold garbage; mask them.
         """
         batch, steps = items.shape
+        if state is None:
+            state = self.initial_state(batch)
         q = self.embedding_dropout(self.item_embedding(items))  # (B, T, E)
-        hiddens, _ = self.gru(q)  # (B, T, H): outputs at valid positions ignore later padding
+        # Outputs at valid positions ignore later padding.
+        hiddens, _ = self.gru(q, state.hidden.unsqueeze(0).contiguous())  # (B, T, H)
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(batch, device=items.device)
-        final_hidden = hiddens[rows, last]
+        started = (lengths > 0).view(-1, 1)
+        final_hidden = torch.where(started, hiddens[rows, last], state.hidden)
         if not self.config.memory:
             user, weights = self._user_vector(hiddens, None, None)
-            state0 = self.initial_state(batch)
-            return user, weights, UserState(final_hidden, state0.memory_values, state0.evidence)
+            return user, weights, UserState(final_hidden, state.memory_values, state.evidence)
 
         # The gated write (2) is recurrent in v, so it runs step by step; the read is batched.
         valid = torch.arange(steps, device=items.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         targets = self._write_targets(items)  # (B, T, A, D)
         writes = self.item_has_entity[items] & valid  # (B, T)
-        memory_values = self.initial_state(batch).memory_values
+        memory_values = state.memory_values
         history = []
         for t in range(steps):
             gate = torch.sigmoid((memory_values * targets[:, t]).sum(-1, keepdim=True))
@@ -274,9 +281,15 @@ class KSR(nn.Module):
             history.append(memory_values)
         memory_history = torch.stack(history, dim=1)  # (B, T, A, D)
         relation_hits = (self.item_relation_mask[items] & valid.unsqueeze(-1)).to(hiddens.dtype)  # (B, T, A)
-        evidence_history = torch.cummax(relation_hits, dim=1).values  # (B, T, A)
+        evidence_history = torch.maximum(
+            torch.cummax(relation_hits, dim=1).values, state.evidence.unsqueeze(1)
+        )  # (B, T, A)
         user, weights = self._user_vector(hiddens, memory_history, evidence_history)
-        final = UserState(final_hidden, memory_history[rows, last], evidence_history[rows, last])
+        final = UserState(
+            final_hidden,
+            torch.where(started.unsqueeze(-1), memory_history[rows, last], state.memory_values),
+            torch.where(started, evidence_history[rows, last], state.evidence),
+        )
         return user, weights, final
 
 

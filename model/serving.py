@@ -92,9 +92,28 @@ class Recommender:
         return new_state, self.rank(new_state, seen, k)
 
     @torch.no_grad()
+    def run(
+        self, state: UserState, items: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, UserState]:
+        """Several events for each of B users at once: items (B, T) right-padded, lengths (B,).
+
+        Returns the user vectors (B, T, O) and read weights (B, T, A) after every event (rank them
+        with `rank_vectors`) and the users' final states; the same as `step` event by event.
+        """
+        return self.model(items, lengths, state)
+
+    @torch.no_grad()
     def rank(self, state: UserState, seen: Sequence[Sequence[int]], k: int = 10) -> list[Recommendation]:
         """Top-k unseen items and the explanation for each user of a batch of states."""
-        scores, weights = self.model.score(state, self.item_vectors)  # (B, N), (B, A)
+        return self.rank_vectors(*self.model.user_vector(state), seen, k)
+
+    @torch.no_grad()
+    def rank_vectors(
+        self, user_vectors: torch.Tensor, weights: torch.Tensor, seen: Sequence[Sequence[int]], k: int = 10
+    ) -> list[Recommendation]:
+        """Top-k unseen items and the explanation for each of B user vectors (B, O) with their read
+        weights (B, A); seen[b]: item indices excluded for row b."""
+        scores = user_vectors @ self.item_vectors.T  # (B, N)
         scores[:, 0] = float("-inf")
         lengths = [len(s) for s in seen]
         if sum(lengths):

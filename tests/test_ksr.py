@@ -89,6 +89,45 @@ def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype)
         torch.testing.assert_close(state.evidence[0], final.evidence[row])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@torch.no_grad()
+def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype: torch.dtype) -> None:
+    """The worker runs a batch's several events per user as one forward from the users' stored
+    states: it must equal stepping those events one at a time from the same states."""
+    model = make_model(dtype=dtype, **options)
+    tol = TOLERANCE[dtype]
+    histories = random_histories(3)
+    cuts = [0, 1, 3, 10, 20, 2]  # prefix lengths: the state the forward starts from
+    prefixes = [h[:cut] for h, cut in zip(histories, cuts)]
+    suffixes = [h[cut:] for h, cut in zip(histories, cuts)]
+    suffixes[1] = suffixes[1][:0]  # a user with no events in this batch keeps its state
+    states = []
+    for prefix in prefixes:
+        state = model.initial_state(1)
+        for item in prefix:
+            state = model.step(state, item.view(1))
+        states.append(state)
+    items = torch.zeros(len(suffixes), max(len(s) for s in suffixes), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        items[row, : len(suffix)] = suffix
+    lengths = torch.tensor([len(s) for s in suffixes])
+    user_vectors, weights, final = model(items, lengths, UserState.stack(states))
+    item_vectors = model.item_vectors()
+
+    for row, suffix in enumerate(suffixes):
+        state = states[row]
+        for t, item in enumerate(suffix):
+            state = model.step(state, item.view(1))
+            scores, step_weights = model.score(state, item_vectors)
+            torch.testing.assert_close(scores[0], user_vectors[row, t] @ item_vectors.T, atol=tol, rtol=tol)
+            torch.testing.assert_close(step_weights[0], weights[row, t], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.evidence[0], final.evidence[row])
+    assert torch.equal(final.hidden[1], states[1].hidden[0])
+
+
 @torch.no_grad()
 def test_batched_step_equals_one_user_at_a_time() -> None:
     """The worker steps many users in one call; each must get what a lone step would give."""

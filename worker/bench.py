@@ -63,8 +63,13 @@ def _create_topics(settings: Settings, names: list[str], partitions: int) -> Non
         admin.close()
 
 
-async def _raw_pipe(settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float) -> float:
-    """Consume `count` messages and produce one `reply`-sized message each; events per second."""
+async def _raw_pipe(
+    settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float
+) -> tuple[float, float]:
+    """Consume `count` messages and produce one `reply`-sized message each.
+
+    Returns events per second and this process's CPU milliseconds per event (from the first fetch).
+    """
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from worker.app import aiokafka_security
@@ -76,33 +81,35 @@ async def _raw_pipe(settings: Settings, source: str, sink: str, count: int, repl
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **security)
     await consumer.start()
     await producer.start()
-    seen, started = 0, None
+    seen, started, cpu_started = 0, None, 0.0
     deadline = time.monotonic() + timeout
     try:
         while seen < count and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500, max_records=1000)
             for tp, records in batches.items():
                 if started is None:
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                 for record in records:
                     await producer.send(sink, key=record.key, value=reply, partition=tp.partition)
                 seen += len(records)
         await producer.flush()
         elapsed = time.perf_counter() - (started or time.perf_counter())
+        cpu = time.process_time() - cpu_started
     finally:
         await producer.stop()
         await consumer.stop()
     if seen < count:
         raise RuntimeError(f"raw pipe saw {seen} of {count} events within {timeout}s")
-    return count / elapsed
+    return count / elapsed, cpu / count * 1000
 
 
 def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None, metrics_url=None):
     """Read `count` committed messages of `topic` from the start.
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
-    first 100, and (messages seen, worker resident memory) samples taken every 2 s from the
-    worker's own `process_resident_memory_bytes` (when `metrics_url` is given).
+    first 100, and (messages seen, worker resident memory, worker CPU seconds) samples taken every
+    2 s from the worker's own `process_resident_memory_bytes` and `process_cpu_seconds_total`
+    (when `metrics_url` is given).
     """
     from kafka import KafkaConsumer
 
@@ -111,7 +118,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
     stamps: list[float] = []
     longest = b""
-    rss: list[tuple[int, float]] = []
+    samples: list[tuple[int, float, float]] = []
     deadline = time.monotonic() + timeout
     next_sample = 0.0
     try:
@@ -122,9 +129,11 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                     longest = record.value
                 if metrics_url and time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + 2.0
-                    value = scrape_sample(metrics_url, "process_resident_memory_bytes")
-                    if value is not None:
-                        rss.append((len(stamps), value))
+                    page = scrape_samples(metrics_url, ("process_resident_memory_bytes",
+                                                        "process_cpu_seconds_total"))
+                    if len(page) == 2:
+                        samples.append((len(stamps), page["process_resident_memory_bytes"],
+                                        page["process_cpu_seconds_total"]))
                 if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
@@ -133,7 +142,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
         consumer.close()
     if len(stamps) < count:
         raise RuntimeError(f"{topic}: {len(stamps)} of {count} messages within {timeout}s")
-    return stamps, longest, rss
+    return stamps, longest, samples
 
 
 def _metrics_page(url: str, timeout: float = 2) -> list[str]:
@@ -149,10 +158,18 @@ def _metrics_page(url: str, timeout: float = 2) -> list[str]:
 
 def scrape_sample(url: str, name: str, timeout: float = 2) -> float | None:
     """The value of the unlabelled sample `name` on a metrics page, or None."""
+    return scrape_samples(url, (name,), timeout).get(name)
+
+
+def scrape_samples(url: str, names, timeout: float = 2) -> dict[str, float]:
+    """The values of the unlabelled samples `names` found on one read of a metrics page."""
+    wanted = {name + " ": name for name in names}
+    found = {}
     for line in _metrics_page(url, timeout):
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+        name, _, value = line.partition(" ")
+        if name + " " in wanted:
+            found[name] = float(value.split()[0])
+    return found
 
 
 def _histogram(url: str, name: str) -> dict[float, float]:
@@ -178,12 +195,22 @@ def _bucket_quantile(before: dict, after: dict, q: float) -> float | None:
     return None
 
 
-def _rss_growth(samples: list[tuple[int, float]], count: int) -> dict:
+def _cpu_per_event(samples: list[tuple[int, float, float]], count: int) -> float | None:
+    """The worker's CPU seconds (all its threads) per output over the middle 80% of the backlog,
+    in milliseconds: what the worker spends per event, a figure a busy machine disturbs far less
+    than a rate."""
+    middle = [(seen, cpu) for seen, _, cpu in samples if 0.1 * count <= seen <= 0.9 * count]
+    if len(middle) < 2 or middle[-1][0] == middle[0][0]:
+        return None
+    return round((middle[-1][1] - middle[0][1]) / (middle[-1][0] - middle[0][0]) * 1000, 4)
+
+
+def _rss_growth(samples: list[tuple[int, float, float]], count: int) -> dict:
     """Resident memory when 20% of the outputs were seen, at the end, and the growth in between."""
     if not samples:
         return {"rss_mb_at_20pct": None, "rss_mb_max_after": None, "rss_growth_last_80pct": None}
-    at_20 = next((rss for seen, rss in samples if seen >= 0.2 * count), samples[-1][1])
-    after = max(rss for seen, rss in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
+    at_20 = next((rss for seen, rss, _ in samples if seen >= 0.2 * count), samples[-1][1])
+    after = max(rss for seen, rss, _ in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
     return {"rss_mb_at_20pct": round(at_20 / 2**20, 1), "rss_mb_max_after": round(after / 2**20, 1),
             "rss_growth_last_80pct": round(after / at_20 - 1, 4)}
 
@@ -280,7 +307,7 @@ def bench_throughput(
         worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT, env=env,
                                   stdout=log, stderr=log, start_new_session=True)
     try:
-        stamps, reply, rss = _drain(base, names["out"], events, timeout, worker,
+        stamps, reply, samples = _drain(base, names["out"], events, timeout, worker,
                                     metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
         # Saturation rate over the middle 80% of the outputs (by their produce timestamps), so the
         # start-up rebalance and the tail do not count.
@@ -306,7 +333,7 @@ def bench_throughput(
     state_bytes = _disk_bytes(state_dir) - log_path.stat().st_size
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
-    raw_eps = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
+    raw_eps, raw_cpu_ms = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
     latencies.sort()
 
     def percentile(q: float) -> float:
@@ -316,6 +343,9 @@ def bench_throughput(
         "raw_pipe_eps": round(raw_eps, 1),
         "worker_eps": round(worker_eps, 1),
         "ratio": round(worker_eps / raw_eps, 3),
+        # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
+        "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
+        "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
         "p50_ms": percentile(0.50),
         "p99_ms": percentile(0.99),
         "latency_rate_eps": round(rate, 1),
@@ -333,7 +363,7 @@ def bench_throughput(
         "state_precision": env.get("KSR_STATE_PRECISION", base.state_precision),
         "users": users,
         "state_bytes_per_user": round(state_bytes / max(users, 1), 1),
-        **_rss_growth(rss, events),
+        **_rss_growth(samples, events),
         **({"profile": profile_summary(profile)} if profile else {}),
     }
 

@@ -2,8 +2,8 @@
 
 `validate` turns raw bytes into an `Interaction` or a `Rejection` with a reason (for the dead-letter
 topic). `BatchProcessor.process` runs a batch: load user states, drop replayed duplicates, one
-batched model step per round (a user's second event in the same batch goes in the next round, so
-order within a user is kept), top-k minus seen items, new states to store. The Faust agent only
+model forward over every user's events of the batch from their stored states (the same as one
+step per event, in order), top-k minus seen items, new states to store. The Faust agent only
 moves bytes between Kafka, the table and this module.
 """
 
@@ -153,7 +153,7 @@ class BatchResult:
     duplicates: int = 0
     new_users: int = 0
     recomputed_users: int = 0
-    rounds: int = 0
+    rounds: int = 0  # sequential model steps: the most events any one user had in the batch
     step_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # event timestamp -> emit, seconds
 
@@ -278,40 +278,32 @@ class BatchProcessor:
             self._recompute(users, stale)
             result.recomputed_users += len(stale)
 
-        # Rounds: the n-th event of each user in this batch goes in round n.
-        rounds: list[list[tuple[Source, Interaction, int]]] = []
-        seen_in_batch: dict[str, int] = {}
+        # Each user's fresh events of this batch, in order. A replayed duplicate (an event id among
+        # the user's recent ids, this batch's earlier events included) is dropped.
+        positions: dict[str, list[int]] = {}  # user -> the indices of its events in `emitted`
         partition_of: dict[str, int] = {}
-        for entry in accepted:
-            partition_of[entry[1].user_id] = entry[0].partition
-            n = seen_in_batch.get(entry[1].user_id, 0)
-            seen_in_batch[entry[1].user_id] = n + 1
-            if n == len(rounds):
-                rounds.append([])
-            rounds[n].append(entry)
-
-        # A round updates states only; every event of the batch is ranked at once afterwards (one
-        # scoring matmul and top-k instead of one per round), each against its own state and seen
-        # items at that event.
         emitted: list[tuple[Source, Interaction, int]] = []
-        states: list[UserState] = []
         seen: list[np.ndarray] = []
-        for round_entries in rounds:
-            fresh = []
-            for entry in round_entries:
-                event = entry[1]
-                user = users[event.user_id]
-                if event.event_id is not None and event_id_hash(event.event_id) in user.recent_ids:
+        for entry in accepted:
+            source, event, index = entry
+            user = users[event.user_id]
+            partition_of[event.user_id] = source.partition
+            if event.event_id is not None:
+                hashed = event_id_hash(event.event_id)
+                if hashed in user.recent_ids:
                     result.duplicates += 1
                     continue
-                fresh.append(entry)
-            if fresh:
-                states.append(self._step(fresh, users, result, seen))
-                emitted.extend(fresh)
-                result.rounds += 1
+                user.recent_ids = (user.recent_ids + [hashed])[-self.recent_event_ids :]
+            # np.append makes a new array, so `seen` keeps this event's snapshot.
+            user.history = np.append(user.history, np.int32(index))[-self.history_length :]
+            user.events += 1
+            user.last_ts = event.ts
+            positions.setdefault(event.user_id, []).append(len(emitted))
+            emitted.append(entry)
+            seen.append(user.history)
         if emitted:
-            self._emit(emitted, UserState.stack(states), seen, result)
-        result.states = {u: (partition_of[u], users[u]) for u in seen_in_batch}
+            self._run(emitted, positions, users, seen, result)
+        result.states = {u: (partition_of[u], users[u]) for u in users}
         return result
 
     def _recompute(self, users: dict[str, StoredUser], stale: list[str]) -> None:
@@ -324,45 +316,62 @@ class BatchProcessor:
             user.evidence = state.evidence[row].numpy()
             user.model_version = self.recommender.version
 
-    def _step(
+    def _run(
         self,
-        entries: list[tuple[Source, Interaction, int]],
+        emitted: list[tuple[Source, Interaction, int]],
+        positions: dict[str, list[int]],
         users: dict[str, StoredUser],
-        result: BatchResult,
         seen: list[np.ndarray],
-    ) -> UserState:
-        """One model step for one event of each user in `entries`; appends each event's seen items."""
-        stored = [users[event.user_id] for _, event, _ in entries]
-        state = UserState(*to_tensors(stored))
-        items = torch.tensor([index for _, _, index in entries])
-        for user, (_, event, index) in zip(stored, entries):
-            # np.append makes a new array, so `seen` keeps this event's snapshot.
-            user.history = np.append(user.history, np.int32(index))[-self.history_length :]
-            seen.append(user.history)
-            if event.event_id is not None:
-                user.recent_ids = (user.recent_ids + [event_id_hash(event.event_id)])[-self.recent_event_ids :]
-            user.events += 1
-            user.last_ts = event.ts
+        result: BatchResult,
+    ) -> None:
+        """Run every fresh event of the batch through the model at once and rank each.
+
+        The users' events form a (users, steps) block, run by one forward from their stored
+        states (one GRU call over all steps; the memory write loops over the steps), which equals
+        stepping the events one at a time (tests/test_ksr.py). A batch of a few users with many
+        events each, as sessions produce, so costs one call instead of one step per event.
+        """
+        order = list(positions)
+        stored = [users[u] for u in order]
+        steps = max(len(p) for p in positions.values())
+        items = np.zeros((len(order), steps), dtype=np.int64)
+        cells = np.empty(len(emitted), dtype=np.int64)  # each emitted event's row * steps + t
+        for row, user_id in enumerate(order):
+            mine = positions[user_id]
+            items[row, : len(mine)] = [emitted[p][2] for p in mine]
+            cells[mine] = row * steps + np.arange(len(mine))
+        lengths = torch.tensor([len(positions[u]) for u in order])
         started = time.perf_counter()
-        new_state = self.recommender.step(state, items)
+        user_vectors, weights, final = self.recommender.run(
+            UserState(*to_tensors(stored)), torch.from_numpy(items), lengths
+        )
         result.step_seconds += time.perf_counter() - started
+        result.rounds += steps
         for row, user in enumerate(stored):
-            user.hidden = new_state.hidden[row].numpy()
-            user.memory_values = new_state.memory_values[row].numpy()
-            user.evidence = new_state.evidence[row].numpy()
+            user.hidden = final.hidden[row].numpy()
+            user.memory_values = final.memory_values[row].numpy()
+            user.evidence = final.evidence[row].numpy()
             user.model_version = self.recommender.version
-        return new_state
+        cells_t = torch.from_numpy(cells)
+        self._emit(
+            emitted,
+            user_vectors.reshape(-1, user_vectors.shape[-1])[cells_t],
+            weights.reshape(-1, weights.shape[-1])[cells_t],
+            seen,
+            result,
+        )
 
     def _emit(
         self,
         entries: list[tuple[Source, Interaction, int]],
-        state: UserState,
+        user_vectors: torch.Tensor,
+        weights: torch.Tensor,
         seen: list[np.ndarray],
         result: BatchResult,
     ) -> None:
-        """Rank every stepped event of the batch at once and build its recommendation message."""
+        """Rank every event of the batch at once and build its recommendation message."""
         started = time.perf_counter()
-        recommendations = self.recommender.rank(state, seen, self.top_k)
+        recommendations = self.recommender.rank_vectors(user_vectors, weights, seen, self.top_k)
         result.step_seconds += time.perf_counter() - started
         emitted = time.time()
         version = self.recommender.version

@@ -1,0 +1,94 @@
+"""A batch through BatchProcessor answers every event as stepping it alone would (no Kafka here).
+
+The processor runs a batch's events as one forward per batch from the users' stored states; the
+reference below is `Recommender.advance`, one event at a time, as `ksr recommend` serves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.serving import Recommender
+from worker.processing import BatchProcessor, Source
+from worker.state import decode, encode
+
+
+def _source(offset: int, user: str, item: str, event_id: str | None, partition: int = 0) -> Source:
+    value = {"user_id": user, "item_id": item, "ts": 1000.0 + offset}
+    if event_id is not None:
+        value["event_id"] = event_id
+    return Source(user.encode(), json.dumps(value).encode(), "interactions", partition, offset, 0.0)
+
+
+@pytest.fixture(scope="module")
+def recommender(small_checkpoint) -> Recommender:
+    return Recommender.load(small_checkpoint)
+
+
+@torch.no_grad()
+def test_batches_answer_as_one_event_at_a_time(recommender: Recommender) -> None:
+    items = recommender.item_tokens[1:40]
+    # Session-shaped batches: one user with many events, others interleaved, a user with a single
+    # event, an event id replayed within the batch, one replayed from the previous batch, an unknown
+    # item, and events without ids.
+    first = [
+        _source(0, "a", items[0], "e0"), _source(1, "a", items[1], "e1"), _source(2, "b", items[2], "e2"),
+        _source(3, "a", items[3], None), _source(4, "c", items[4], "e4", partition=1),
+        _source(5, "a", items[1], "e1"),  # replayed within the batch
+        _source(6, "a", items[5], "e6"), _source(7, "b", items[6], "e7"),
+    ]
+    second = [
+        _source(8, "b", items[7], "e7"),  # replayed from the previous batch
+        _source(9, "d", items[8], "e9"), _source(10, "a", items[9], "e10"),
+        _source(11, "a", "no-such-item", "e11"), _source(12, "a", items[10], "e12"),
+        _source(13, "c", items[11], "e13", partition=1), _source(14, "a", items[12], "e14"),
+    ]
+    processor = BatchProcessor(recommender, top_k=10)
+    table: dict[str, bytes] = {}
+
+    def load(user_id: str):
+        blob = table.get(user_id)
+        return None if blob is None else decode(blob)
+
+    answers = []
+    dead = []
+    for batch in (first, second):
+        result = processor.process(batch, load)
+        answers.extend(json.loads(value) for _, _, value in result.recommendations)
+        dead.extend(reason for *_, reason in result.dead_letters)
+        for user_id, (_, stored) in result.states.items():
+            table[user_id] = encode(stored, "float32")
+    assert dead == ["unknown_item"]
+
+    # The reference: one event at a time through Recommender.advance.
+    states, histories, expected = {}, {}, []
+    done_ids: dict[str, set] = {}
+    for source in first + second:
+        event = json.loads(source.value)
+        user, item, event_id = event["user_id"], event["item_id"], event.get("event_id")
+        if item not in recommender.item_index or event_id in done_ids.setdefault(user, set()):
+            continue
+        if event_id is not None:
+            done_ids[user].add(event_id)
+        index = recommender.item_index[item]
+        histories[user] = [*histories.get(user, []), index]
+        state = states.get(user, recommender.initial_state(1))
+        states[user], (rec,) = recommender.advance(state, torch.tensor([index]), [histories[user]], k=10)
+        expected.append((user, event_id, rec))
+
+    assert [(a["user_id"], a["event_id"]) for a in answers] == [(u, e) for u, e, _ in expected]
+    for answer, (_, _, rec) in zip(answers, expected):
+        assert answer["items"] == rec.items
+        np.testing.assert_allclose(answer["scores"], rec.scores, atol=1e-5)
+        assert [r["relation"] for r in answer["explanation"]] == [r["relation"] for r in rec.explanation]
+        np.testing.assert_allclose([r["weight"] for r in answer["explanation"]],
+                                   [r["weight"] for r in rec.explanation], atol=1e-5)
+    for user, state in states.items():
+        stored = decode(table[user])
+        np.testing.assert_allclose(stored.hidden, state.hidden[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(stored.memory_values, state.memory_values[0].numpy(), atol=1e-5)
+        assert stored.history.tolist() == histories[user]
