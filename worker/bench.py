@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
+from worker.replay import paced as paced_items
 
 
 def _log(message: str) -> None:
@@ -388,11 +389,7 @@ def _paced_latencies(base: Settings, names: dict, paced: list, rate: float, alre
     sent_at: dict[str, float] = {}
 
     def send_all() -> None:
-        started = time.perf_counter()
-        for n, (key, event) in enumerate(paced):
-            ahead = n / rate - (time.perf_counter() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+        for key, event in paced_items(paced, rate):
             sent_at[event["event_id"]] = time.time()
             producer.send(names["in"], key=key, value=json.dumps(event).encode())
         producer.flush()

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.config import REPO_ROOT
+from worker.replay import paced
 
 
 def free_port() -> int:
@@ -115,12 +116,8 @@ class PacedProducer(threading.Thread):
         self.failures = 0
 
     def run(self) -> None:
-        started = time.perf_counter()
         futures = []
-        for n, (key, value) in enumerate(self.messages):
-            ahead = n / self.rate - (time.perf_counter() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+        for key, value in paced(self.messages, self.rate):
             futures.append(self.producer.send(self.topic, key=key, value=value))
         self.producer.flush()
         for future in futures:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
 
 from worker.config import Settings
+
+
+def paced(items, rate: float | None):
+    """Yield `items` no faster than `rate` per second, the n-th not before n / rate seconds after
+    the first (falling behind is made up at once); a rate of None or 0 does not pace."""
+    started = time.perf_counter()
+    for n, item in enumerate(items):
+        if rate:
+            ahead = n / rate - (time.perf_counter() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        yield item
 
 
 def event_messages(dataset, limit: int | None = None):
@@ -63,18 +76,12 @@ def replay(data: str, rate: float | None = None, limit: int | None = None, skip:
         ) from None
     total = (dataset.n_events if limit is None else min(limit, dataset.n_events)) - skip
     sent = 0
-    started = time.perf_counter()
     bar = tqdm(total=max(total, 0), unit="ev", file=sys.stderr, disable=not progress, desc="replay")
-    for position, (key, value) in enumerate(event_messages(dataset, limit)):
-        if position < skip:
-            continue
+    messages = itertools.islice(event_messages(dataset, limit), skip, None)
+    for key, value in paced(messages, rate):
         client.send(settings.interactions_topic, key=key, value=value)
         sent += 1
         bar.update(1)
-        if rate:
-            ahead = sent / rate - (time.perf_counter() - started)
-            if ahead > 0:
-                time.sleep(ahead)
     client.flush()
     client.close()
     bar.close()
