@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.ksr import KSR, KSRConfig
-from model.serving import Recommender
+from model.serving import RANK_BLOCK_ITEMS, Recommender
 
 
 def _synthetic_recommender(n_items: int, relations: int, seed: int = 0) -> Recommender:
@@ -74,6 +74,16 @@ def bench_step(
         per_event[batch] = seconds / batch
         result[f"events_per_s_batch_{batch}"] = round(batch / seconds, 1)
 
+    # Ranking alone at the largest batch: the catalog scored in blocks (what serving does) beside
+    # the whole (B, N) score matrix at once (the baseline), same users, same seen items.
+    users = torch.randn(largest := max(batches), recommender.item_vectors.shape[1], generator=generator)
+    seen = torch.randint(1, catalog, (largest, 20), generator=generator).tolist()
+    for name, block in (("blocks", recommender.rank_block_items), ("whole_catalog", catalog)):
+        recommender.rank_block_items = block
+        seconds = _median_seconds(lambda: recommender._top_k(users, seen, k), repeats)
+        result[f"rank_ms_per_event_{name}"] = round(seconds / largest * 1000, 4)
+    recommender.rank_block_items = RANK_BLOCK_ITEMS
+
     long_history = torch.randint(1, catalog, (1, history), generator=generator)
     seen_long = long_history.tolist()
 
@@ -83,7 +93,6 @@ def bench_step(
 
     recompute_seconds = _median_seconds(recompute, max(3, repeats // 4))
     result["recompute_ms_per_event"] = round(recompute_seconds * 1000, 3)
-    largest = max(batches)
     result["step_ms_per_event_at_largest_batch"] = round(per_event[largest] * 1000, 4)
     result["speedup_vs_recompute"] = round(recompute_seconds / per_event[largest], 1)
     result["events_per_s"] = {str(b): result.pop(f"events_per_s_batch_{b}") for b in batches}

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from model import checkpoint as checkpoints
 from model.ksr import KSR, UserState
+
+# Ranking a large catalog (Recommender._top_k): items scored per block (a 256-event batch's block
+# of scores stays at 4 MiB) and items per group whose best score is kept.
+RANK_BLOCK_ITEMS = 4096
+RANK_GROUP_ITEMS = 64
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Recommender:
         self.relation_tokens = checkpoint.relation_tokens
         with torch.no_grad():
             self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
+        self.rank_block_items = RANK_BLOCK_ITEMS
 
     @classmethod
     def load(cls, directory: str | Path) -> Recommender:
@@ -113,15 +120,8 @@ class Recommender:
     ) -> list[Recommendation]:
         """Top-k unseen items and the explanation for each of B user vectors (B, O) with their read
         weights (B, A); seen[b]: item indices excluded for row b."""
-        scores = user_vectors @ self.item_vectors.T  # (B, N)
-        scores[:, 0] = float("-inf")
-        lengths = [len(s) for s in seen]
-        if sum(lengths):
-            rows = np.repeat(np.arange(len(seen)), lengths)
-            cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen])
-            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
         k = min(k, self.n_items - 1)
-        top_scores, top_items = torch.topk(scores, k, dim=1)
+        top_scores, top_items = self._top_k(user_vectors, seen, k)
         tokens = self.item_tokens
         results = []
         for row_scores, row_items, row_weights in zip(top_scores.tolist(), top_items.tolist(), weights.tolist()):
@@ -135,6 +135,56 @@ class Recommender:
                 )
             )
         return results
+
+    def _top_k(
+        self, user_vectors: torch.Tensor, seen: Sequence[Sequence[int]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best scores and their item indices per row (B, k), seen items and padding excluded.
+
+        A catalog of one block (`rank_block_items`; ml-100k's is) is scored at once. A larger one
+        is scored block by block, keeping only each group of RANK_GROUP_ITEMS consecutive items'
+        best score; the k best items can only lie in the k groups with the best maxima (those k
+        groups hold k items at least as good as the k-th best group maximum), so only those
+        k x RANK_GROUP_ITEMS candidates are scored again and ranked. The answer is the whole
+        catalog's top-k, without a (B, N) score matrix (100 MB for a 256-event batch over 100,000
+        items) or a top-k pass over it (`ksr bench step --items 100000` times both).
+        """
+        lengths = [len(s) for s in seen]
+        rows = np.repeat(np.arange(len(seen)), lengths)
+        cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if sum(lengths) else rows
+        order = np.argsort(cols, kind="stable")
+        rows, cols = torch.from_numpy(rows[order]), torch.from_numpy(cols[order])
+        n, batch = self.n_items, user_vectors.shape[0]
+        if n <= self.rank_block_items:
+            scores = user_vectors @ self.item_vectors.T  # (B, N)
+            scores[:, 0] = float("-inf")  # padding
+            scores[rows, cols] = float("-inf")
+            return torch.topk(scores, k, dim=1)
+
+        group = RANK_GROUP_ITEMS
+        size = max(group, self.rank_block_items // group * group)
+        starts = range(0, n, size)
+        bounds = np.searchsorted(cols.numpy(), [*starts, n])  # each block's slice of the seen items
+        maxima = []
+        for block, start in enumerate(starts):
+            scores = user_vectors @ self.item_vectors[start : start + size].T  # (B, block)
+            if start == 0:
+                scores[:, 0] = float("-inf")
+            low, high = bounds[block], bounds[block + 1]
+            scores[rows[low:high], cols[low:high] - start] = float("-inf")
+            tail = -scores.shape[1] % group
+            if tail:
+                scores = F.pad(scores, (0, tail), value=float("-inf"))
+            maxima.append(scores.view(batch, -1, group).amax(dim=2))  # (B, block / group)
+        _, groups = torch.topk(torch.cat(maxima, dim=1), k, dim=1)  # (B, k)
+        candidates = (groups.unsqueeze(-1) * group + torch.arange(group)).view(batch, -1)  # (B, k * group)
+        outside = candidates >= n
+        candidates = candidates.clamp(max=n - 1)
+        scores = torch.bmm(self.item_vectors[candidates], user_vectors.unsqueeze(-1)).squeeze(-1)
+        keys = torch.arange(batch).unsqueeze(1) * n + candidates
+        excluded = outside | (candidates == 0) | torch.isin(keys, rows * n + cols)
+        top_scores, picked = torch.topk(scores.masked_fill(excluded, float("-inf")), k, dim=1)
+        return top_scores, torch.gather(candidates, 1, picked)
 
     def _explain(self, weights: list[float]) -> list[dict]:
         """Relation weights, largest first: how much each relation drives the user's next pick."""

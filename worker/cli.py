@@ -140,7 +140,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "step":
         from model.bench import bench_step
 
-        result = bench_step(checkpoint=args.checkpoint, threads=args.threads)
+        result = bench_step(checkpoint=args.checkpoint, threads=args.threads, n_items=args.items + 1)
     elif args.bench == "throughput":
         from worker.bench import bench_throughput
 
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=20000, help="throughput: backlog size")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
+    p.add_argument("--items", type=int, default=1682,
+                   help="step: catalog size of the random KSR timed when no --checkpoint is given")
     p.add_argument("--data", default="ml-100k", help="throughput: events from ml-100k or a data folder "
                    "(e.g. from `ksr data synth`; the checkpoint must be trained on its catalog)")
     p.add_argument("--timeout", type=float, default=600.0, help="throughput: seconds allowed per phase")
