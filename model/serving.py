@@ -22,6 +22,9 @@ from model.ksr import KSR, UserState
 # of scores stays at 4 MiB) and items per group whose best score is kept.
 RANK_BLOCK_ITEMS = 4096
 RANK_GROUP_ITEMS = 64
+# Batches of at most this many users are scored against the whole catalog at once: their score
+# matrix is small, and the grouped path's extra steps cost more than they save (`ksr bench step`).
+RANK_DIRECT_MAX_BATCH = 16
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Recommender:
         with torch.no_grad():
             self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
         self.rank_block_items = RANK_BLOCK_ITEMS
+        self.rank_direct_max_batch = RANK_DIRECT_MAX_BATCH
 
     @classmethod
     def load(cls, directory: str | Path) -> Recommender:
@@ -141,7 +145,8 @@ class Recommender:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best scores and their item indices per row (B, k), seen items and padding excluded.
 
-        A catalog of one block (`rank_block_items`; ml-100k's is) is scored at once. A larger one
+        A catalog of one block (`rank_block_items`; ml-100k's is), or a batch of at most
+        `rank_direct_max_batch` users, is scored at once. Otherwise the catalog
         is scored block by block, keeping only each group of RANK_GROUP_ITEMS consecutive items'
         best score; the k best items can only lie in the k groups with the best maxima (those k
         groups hold k items at least as good as the k-th best group maximum), so only those
@@ -155,7 +160,7 @@ class Recommender:
         order = np.argsort(cols, kind="stable")
         rows, cols = torch.from_numpy(rows[order]), torch.from_numpy(cols[order])
         n, batch = self.n_items, user_vectors.shape[0]
-        if n <= self.rank_block_items:
+        if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
             scores = user_vectors @ self.item_vectors.T  # (B, N)
             scores[:, 0] = float("-inf")  # padding
             scores[rows, cols] = float("-inf")

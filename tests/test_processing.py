@@ -112,6 +112,7 @@ def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recomme
     expected_scores, expected_items = torch.topk(full, 10, dim=1)
 
     monkeypatch.setattr(recommender, "rank_block_items", block)
+    monkeypatch.setattr(recommender, "rank_direct_max_batch", 0)  # these 6 users take the grouped path
     scores, items = recommender._top_k(users, seen, 10)
     torch.testing.assert_close(scores, expected_scores)
     finite = torch.isfinite(expected_scores)
