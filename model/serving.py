@@ -1,7 +1,9 @@
 """Serving a checkpoint: step a batch of users and answer each with top-k and an explanation.
 
-This is the model's public surface for the streaming worker and for `ksr recommend`: both call
-`Recommender.advance` so that a user's recommendation is the same whichever of the two produced it.
+This is the model's public surface for the streaming worker and for `ksr recommend`: `ksr recommend`
+replays a history step by step (`Recommender.replay`), the worker runs a batch's events per user in
+one forward (`Recommender.run`), and both rank through `rank_vectors`, so a user's recommendation
+is the same whichever of the two produced it (tests/test_processing.py, tests/test_worker.py).
 Items a user has already consumed are never recommended back.
 """
 

@@ -1,6 +1,6 @@
 """The Faust app: topics and the user-state table declared once, one thin agent.
 
-Data path: `interactions` -> agent (batches via take_events, one model step per batch) ->
+Data path: `interactions` -> agent (batches via take_events, one model forward per batch) ->
 BatchProcessor (validate, load states, model step, top-k) -> `recommendations` / `interactions.dlq`,
 and the new states into the `user-state` table (RocksDB via rocksdict, with its changelog topic).
 
