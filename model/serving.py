@@ -159,15 +159,16 @@ class Recommender:
         lengths = [len(s) for s in seen]
         rows = np.repeat(np.arange(len(seen)), lengths)
         cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if sum(lengths) else rows
-        order = np.argsort(cols, kind="stable")
-        rows, cols = torch.from_numpy(rows[order]), torch.from_numpy(cols[order])
         n, batch = self.n_items, user_vectors.shape[0]
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
             scores = user_vectors @ self.item_vectors.T  # (B, N)
             scores[:, 0] = float("-inf")  # padding
-            scores[rows, cols] = float("-inf")
+            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
             return torch.topk(scores, k, dim=1)
 
+        # Seen items sorted by item, so that each block takes one slice of them.
+        order = np.argsort(cols, kind="stable")
+        rows, cols = torch.from_numpy(rows[order]), torch.from_numpy(cols[order])
         group = RANK_GROUP_ITEMS
         size = max(group, self.rank_block_items // group * group)
         starts = range(0, n, size)

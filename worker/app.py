@@ -384,7 +384,7 @@ class Worker:
                    e.message.offset, e.message.timestamp)
             for e in events
         ]
-        # One model step for the whole batch, whichever partitions its events came from.
+        # One model forward for the whole batch, whichever partitions its events came from.
         result = self.processor.process(sources, self._load)
         event_of_partition = {e.message.partition: e for e in events}
         await self._ensure_transactions(event_of_partition)

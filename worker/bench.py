@@ -164,11 +164,11 @@ def scrape_sample(url: str, name: str, timeout: float = 2) -> float | None:
 
 def scrape_samples(url: str, names, timeout: float = 2) -> dict[str, float]:
     """The values of the unlabelled samples `names` found on one read of a metrics page."""
-    wanted = {name + " ": name for name in names}
+    wanted = set(names)
     found = {}
     for line in _metrics_page(url, timeout):
         name, _, value = line.partition(" ")
-        if name + " " in wanted:
+        if name in wanted:
             found[name] = float(value.split()[0])
     return found
 
