@@ -51,7 +51,7 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
                    check=True)
     result = subprocess.run(
         [*KSR, "bench", "throughput", "--data", str(data), "--events", "1000", "--checkpoint", str(checkpoint),
-         "--json"],
+         "--latency-rate", "50", "--latency-events", "200", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KSR_STATE_PRECISION": "int8"},
     )
@@ -59,6 +59,7 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
     assert figures["catalog"] == 400 and figures["data"] == "synth-small"
     assert figures["state_precision"] == "int8"
     assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0
+    assert figures["latency_rate_eps"] == 50 and figures["latency_events"] == 200
 
 
 def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:

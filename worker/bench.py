@@ -273,8 +273,11 @@ def bench_throughput(
     worker_env: dict | None = None,
     data: str = "ml-100k",
     profile: str | None = None,
+    latency_rate: float | None = None,
 ) -> dict:
     """Run (a) and (b) and the latency phase; returns the figures.
+
+    The latency phase runs at `latency_rate` events/s, by default half the worker's saturated rate.
 
     Also reports the worker's resident memory growth over the last 80% of the backlog and, after
     the worker stopped (RocksDB flushed and closed), its state folder's bytes per user.
@@ -316,7 +319,7 @@ def bench_throughput(
         low, high = int(0.1 * len(stamps)), int(0.9 * len(stamps)) - 1
         worker_eps = (high - low) / max(stamps[high] - stamps[low], 1e-9)
 
-        rate = worker_eps / 2
+        rate = latency_rate or worker_eps / 2
         _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
         latency_events = min(latency_events, int(rate * 30) or 1)  # at most ~30 s of load
         paced = _events(dataset, latency_events, offset=events)

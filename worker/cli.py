@@ -145,7 +145,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from worker.bench import bench_throughput
 
         result = bench_throughput(checkpoint=args.checkpoint, events=args.events, data=args.data,
-                                  timeout=args.timeout, profile=args.profile)
+                                  timeout=args.timeout, profile=args.profile, latency_rate=args.latency_rate,
+                                  latency_events=args.latency_events)
     elif args.bench == "faults":
         from worker import broker, faults
         from worker.config import Settings
@@ -265,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="ml-100k", help="throughput: events from ml-100k or a data folder "
                    "(e.g. from `ksr data synth`; the checkpoint must be trained on its catalog)")
     p.add_argument("--timeout", type=float, default=600.0, help="throughput: seconds allowed per phase")
+    p.add_argument("--latency-rate", type=float, default=None,
+                   help="throughput: feed the latency phase at this many events/s (default: half the worker's "
+                   "saturated rate); a fixed rate compares builds whose saturated rates differ")
+    p.add_argument("--latency-events", type=int, default=3000,
+                   help="throughput: events in the latency phase (at most ~30 s of them)")
     p.add_argument("--profile", default=None, help="throughput: cProfile the worker into this file and "
                    "summarise it in the output (profiling slows the worker down)")
     p.add_argument("--json", action="store_true")
