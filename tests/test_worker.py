@@ -155,9 +155,11 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     samples = scrape(worker.metrics_url)
     for name in ("ksr_recommendations_total", "ksr_model_version", "ksr_users_in_state",
                  "ksr_model_step_seconds_count", "ksr_event_to_recommendation_seconds_count",
-                 "ksr_batch_size_count"):
+                 "ksr_batch_size_count", "ksr_commit_seconds_count"):
         assert name in samples, name
     assert samples["ksr_recommendations_total"] >= REPLAYED
+    # The stream runs exactly-once (the default): its answers became visible through commits.
+    assert samples["ksr_commit_seconds_count"] >= 1
     assert samples["ksr_event_to_recommendation_seconds_count"] >= REPLAYED
 
 

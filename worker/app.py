@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 import weakref
 
 import faust
@@ -183,6 +184,7 @@ class Worker:
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
         self.commit_gate = asyncio.Lock()
+        self._commit_holds_gate = False
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -251,26 +253,44 @@ class Worker:
         consumer._ksr_fast_delivery = True
 
     def _gate_commits(self) -> None:
-        """Make Faust's commits wait for the batch in progress.
+        """Make Faust's commits wait for the batch in progress, and commit the partitions'
+        transactions side by side, off the agent's path.
 
         Faust commits on a timer, concurrently with the agent. A commit that ran while a batch was
         half sent would commit some of its answers with none of its offsets, and a crash right after
-        would answer those events twice. Commits therefore take the same lock as a batch.
+        would answer those events twice. Commits therefore take the same lock as a batch (the gate)
+        to choose their offsets.
+
+        Under exactly-once, Faust then commits one transaction per input partition, one after
+        another, each a few round trips to the broker, all while holding the gate. Here the commit
+        takes every committed partition's transaction lock under the gate, lets go of the gate,
+        and commits the transactions concurrently: the agent goes on with the next batch (state
+        loads, model) and waits only where it sends to a partition whose commit has not finished
+        (sends take the same per-partition lock), so nothing of the next batch enters a committing
+        transaction.
         """
         consumer = self.app.consumer
         if getattr(consumer, "_ksr_gated", False):
             return
         force_commit = consumer.force_commit
+        gate = self.commit_gate
 
         async def gated_force_commit(*args, **kwargs):
-            async with self.commit_gate:
-                try:
-                    return await force_commit(*args, **kwargs)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001  (as in _agent)
-                    # A failed commit leaves the transactions in an unknown state.
-                    exit_for_restart("commit failed")
+            await gate.acquire()
+            self._commit_holds_gate = True
+            started = time.perf_counter()
+            try:
+                committed = await force_commit(*args, **kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001  (as in _agent)
+                # A failed commit leaves the transactions in an unknown state.
+                exit_for_restart("commit failed")
+            finally:
+                self._release_gate_of_commit()
+            if committed:
+                metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            return committed
 
         consumer.force_commit = gated_force_commit
         commit_offsets = consumer._commit_offsets
@@ -283,7 +303,52 @@ class Worker:
             return await commit_offsets(offsets, start_new_transaction=start_new_transaction)
 
         consumer._commit_offsets = ledger_commit_offsets
+        if self.app.in_transaction:
+            self.app.producer.commit_transactions = self._commit_transactions
         consumer._ksr_gated = True
+
+    def _release_gate_of_commit(self) -> None:
+        if self._commit_holds_gate:
+            self._commit_holds_gate = False
+            self.commit_gate.release()
+
+    async def _commit_transactions(self, offsets_by_transaction, group_id: str,
+                                   start_new_transaction: bool = True) -> None:
+        """Faust's producer.commit_transactions, with the transactions committed concurrently.
+
+        Called under the gate (Worker._gate_commits). Takes each transaction's lock first, so no
+        send can enter a transaction being committed, then releases the gate.
+        """
+        producer = self.app.producer
+        held = []
+        try:
+            for transactional_id in offsets_by_transaction:
+                lock = producer._trn_locks.setdefault(transactional_id, asyncio.Lock())
+                await lock.acquire()
+                held.append(lock)
+        except BaseException:
+            for lock in held:
+                lock.release()
+            raise
+        self._release_gate_of_commit()
+
+        async def commit(transactional_id: str, offsets, lock: asyncio.Lock) -> None:
+            try:
+                client = producer._transaction_producers.get(transactional_id)
+                if client is None:
+                    log.warning("commit invoked for unknown transaction %s", transactional_id)
+                    return
+                await client.send_offsets_to_transaction(offsets, group_id)
+                await client.commit_transaction()
+                if start_new_transaction:
+                    await client.begin_transaction()
+            finally:
+                lock.release()
+
+        await asyncio.gather(*(
+            commit(transactional_id, offsets, lock)
+            for (transactional_id, offsets), lock in zip(offsets_by_transaction.items(), held)
+        ))
 
     async def _admit(self, events) -> list:
         """The batch's events this worker has not processed yet, in order; stops on a hole.
@@ -462,9 +527,14 @@ class Worker:
         for partition in partitions:
             transactional_id = self._transactional_id(partition)
             client = producer._transaction_producers.get(transactional_id)
-            if client is not None and not client._txn_manager.is_in_transaction():
-                log.info("%s: no open transaction after a rebalance; beginning one", transactional_id)
-                await producer.begin_transaction(transactional_id)
+            if client is None or client._txn_manager.is_in_transaction():
+                continue
+            # Under the transaction's lock: a commit in flight (Worker._commit_transactions) begins
+            # the next transaction itself.
+            async with producer._trn_locks.setdefault(transactional_id, asyncio.Lock()):
+                if not client._txn_manager.is_in_transaction():
+                    log.info("%s: no open transaction after a rebalance; beginning one", transactional_id)
+                    await client.begin_transaction()
 
     async def _send_batches(self, messages):
         """Send a batch's outgoing records, one producer batch per topic partition.
