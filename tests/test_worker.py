@@ -204,3 +204,22 @@ def test_restarted_worker_continues_each_user_from_their_state(tmp_path, bootstr
             assert got["scores"] == pytest.approx(expected.scores, abs=1e-4)
             checked += 1
     assert checked >= 5
+
+
+def test_a_commits_hold_on_the_batch_gate_is_released_once() -> None:
+    """The commit lets go of the gate early (to commit the transactions off the agent's path) and
+    again when it ends: the second release must not free a gate another holder has taken since."""
+    import asyncio
+
+    from worker.app import _GateHold
+
+    async def scenario() -> bool:
+        gate = asyncio.Lock()
+        await gate.acquire()
+        first = _GateHold(gate)
+        first.release()  # early, before the transactions commit
+        await gate.acquire()  # the next holder (a batch, or a commit of a rebalance)
+        first.release()  # the first commit ends
+        return gate.locked()
+
+    assert asyncio.run(scenario())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import json
 import logging
@@ -111,6 +112,22 @@ def ask_broker_for_highwaters(settings: Settings) -> None:
     thread_cls._highwaters = _highwaters
 
 
+class _GateHold:
+    """One commit's hold on the batch gate, released at most once (early, by
+    Worker._commit_transactions, or when the commit ends)."""
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock: asyncio.Lock | None = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+
+_commit_gate_hold: contextvars.ContextVar[_GateHold | None] = contextvars.ContextVar("ksr_commit_gate_hold")
+
+
 class Worker:
     """The app with its topics, table and agent, bound to one Settings and one Recommender."""
 
@@ -184,7 +201,6 @@ class Worker:
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
         self.commit_gate = asyncio.Lock()
-        self._commit_holds_gate = False
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -277,7 +293,8 @@ class Worker:
 
         async def gated_force_commit(*args, **kwargs):
             await gate.acquire()
-            self._commit_holds_gate = True
+            hold = _GateHold(gate)
+            token = _commit_gate_hold.set(hold)  # seen by _commit_transactions, called in this task
             started = time.perf_counter()
             try:
                 committed = await force_commit(*args, **kwargs)
@@ -287,7 +304,8 @@ class Worker:
                 # A failed commit leaves the transactions in an unknown state.
                 exit_for_restart("commit failed")
             finally:
-                self._release_gate_of_commit()
+                _commit_gate_hold.reset(token)
+                hold.release()
             if committed:
                 metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             return committed
@@ -307,11 +325,6 @@ class Worker:
             self.app.producer.commit_transactions = self._commit_transactions
         consumer._ksr_gated = True
 
-    def _release_gate_of_commit(self) -> None:
-        if self._commit_holds_gate:
-            self._commit_holds_gate = False
-            self.commit_gate.release()
-
     async def _commit_transactions(self, offsets_by_transaction, group_id: str,
                                    start_new_transaction: bool = True) -> None:
         """Faust's producer.commit_transactions, with the transactions committed concurrently.
@@ -330,7 +343,9 @@ class Worker:
             for lock in held:
                 lock.release()
             raise
-        self._release_gate_of_commit()
+        hold = _commit_gate_hold.get(None)
+        if hold is not None:
+            hold.release()
 
         async def commit(transactional_id: str, offsets, lock: asyncio.Lock) -> None:
             try:
