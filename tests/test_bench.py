@@ -34,6 +34,8 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["events"] == 2000 and figures["catalog"] == 1682
     assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    # Exactly-once (the default): the answers the latency phase saw were made visible by commits.
+    assert figures["commits"] >= 1 and figures["commit_p50_ms_bound"] is not None
     assert figures["data"] == "ml-100k" and figures["users"] > 0
     assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
     assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None

@@ -325,8 +325,10 @@ def bench_throughput(
         paced = _events(dataset, latency_events, offset=events)
         histogram_url = f"http://127.0.0.1:{metrics_port}/metrics"
         emitted_before = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
+        commits_before = _histogram(histogram_url, "ksr_commit_seconds")
         latencies = _paced_latencies(base, names, paced, rate, events, timeout, worker)
         emitted_after = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
+        commits_after = _histogram(histogram_url, "ksr_commit_seconds")
     finally:
         worker.terminate()
         try:
@@ -358,6 +360,10 @@ def bench_throughput(
         # the bucket bound of the worker's histogram: the rest is commit and delivery to the reader.
         "emit_p50_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.50)),
         "emit_p99_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.99)),
+        # How long the worker's commits took in that phase (bucket bounds), and how many there were.
+        "commit_p50_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.50)),
+        "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
+        "commits": int(commits_after.get(float("inf"), 0) - commits_before.get(float("inf"), 0)),
         "events": events,
         "partitions": partitions,
         "catalog": dataset.n_items - 1,
