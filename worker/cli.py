@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=False,
                    help="the authors' tanh(W e + b) before the memory write")
     p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--transe-norm", type=int, choices=[1, 2], default=1)
+    p.add_argument("--transe-norm", type=int, choices=[1, 2], default=2)
     p.add_argument("--transe-epochs", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_train)
