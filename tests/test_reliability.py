@@ -39,6 +39,21 @@ def test_worker_resumes_by_itself_after_a_broker_outage(bootstrap, small_checkpo
     assert result["recovery_s"] is not None, result
 
 
+def test_worker_recovers_from_a_broker_outage_that_begins_during_its_start(bootstrap, small_checkpoint) -> None:
+    """The broker goes away while the worker is still starting (its table recovery asks the broker
+    where the changelog ends) and stays away longer than the client's request timeout. Faust's
+    recovery swallowed the failure and never resumed the streams: the worker stayed up and answered
+    nothing after the broker came back. Now it exits and its supervisor restarts it."""
+    from worker import broker
+
+    if not broker.is_running():
+        pytest.skip("needs the local broker managed by `ksr broker` (KAFKA_BOOTSTRAP_SERVERS is external)")
+    result = faults.broker_outage(bootstrap, str(small_checkpoint), events=1500, rate=150, stop_after=2.5,
+                                  outage_s=90, timeout=240)
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["recovery_s"] is not None, result
+
+
 def test_hostile_payloads_are_each_answered_or_dead_lettered(bootstrap, small_checkpoint) -> None:
     result = faults.hostile_input(bootstrap, str(small_checkpoint), payloads=2000)
     assert result["worker_alive_at_end"], result

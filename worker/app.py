@@ -102,10 +102,17 @@ def ask_broker_for_highwaters(settings: Settings) -> None:
     security = aiokafka_security(settings)
 
     async def _highwaters(self, partitions):
-        ends = await self._ensure_consumer().end_offsets(list(partitions))
-        if not self.consumer.in_transaction:
-            return ends
-        last = await last_records(settings.bootstrap_servers, security, ends)
+        try:
+            ends = await self._ensure_consumer().end_offsets(list(partitions))
+            if not self.consumer.in_transaction:
+                return ends
+            last = await last_records(settings.bootstrap_servers, security, ends)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            # Faust's recovery swallows this and never resumes the streams: the worker would stay
+            # up, assigned and silent after the broker came back (tests/test_reliability.py).
+            exit_for_restart("could not read the changelog ends from the broker (recovery cannot go on)")
         # Faust subtracts one from what this returns.
         return {tp: (last[tp] + 1 if last.get(tp) is not None else end) for tp, end in ends.items()}
 
