@@ -343,7 +343,7 @@ class Worker:
         held = []
         try:
             for transactional_id in offsets_by_transaction:
-                lock = producer._trn_locks.setdefault(transactional_id, asyncio.Lock())
+                lock = self._transaction_lock(transactional_id)
                 await lock.acquire()
                 held.append(lock)
         except BaseException:
@@ -534,6 +534,12 @@ class Worker:
         group = self.app.assignor.group_for_topic(self.settings.interactions_topic)
         return f"{self.app.conf.id}-{group}-{partition}"
 
+    def _transaction_lock(self, transactional_id: str) -> asyncio.Lock:
+        """The lock Faust's producer holds around a transaction's sends and commit; every send and
+        commit of the worker takes it too (created with the transaction's producer)."""
+        locks = self.app.producer._trn_locks
+        return locks.get(transactional_id) or locks.setdefault(transactional_id, asyncio.Lock())
+
     async def _ensure_transactions(self, partitions) -> None:
         """Make sure each source partition's transactional producer is in a transaction.
 
@@ -553,7 +559,7 @@ class Worker:
                 continue
             # Under the transaction's lock: a commit in flight (Worker._commit_transactions) begins
             # the next transaction itself.
-            async with producer._trn_locks.setdefault(transactional_id, asyncio.Lock()):
+            async with self._transaction_lock(transactional_id):
                 if not client._txn_manager.is_in_transaction():
                     log.info("%s: no open transaction after a rebalance; beginning one", transactional_id)
                     await client.begin_transaction()
@@ -590,7 +596,7 @@ class Worker:
                 client = producer._transaction_producers.get(transactional_id)
                 if client is None:
                     raise RuntimeError(f"no transactional producer {transactional_id!r} for partition {partition}")
-                lock = producer._trn_locks[transactional_id]
+                lock = self._transaction_lock(transactional_id)
             else:
                 client, lock = producer._ensure_producer(), contextlib.nullcontext()
             async with lock:
