@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from conftest import KSR, REPO, WorkerProcess, consume, decode, produce, scrape, stream_env
@@ -37,6 +39,43 @@ def histories_of(dataset, count: int) -> dict[str, list[str]]:
     for position in range(count):
         out[dataset.user_tokens[dataset.users[position]]].append(dataset.item_tokens[dataset.items[position]])
     return out
+
+
+def persisted_offsets(state_dir: str) -> dict[int, int | None]:
+    """Per table partition, the changelog offset a stopped worker's RocksDB says it holds up to."""
+    from rocksdict import AccessType, Rdict
+
+    offsets = {}
+    for path in Path(state_dir).glob("*/tables/user-state-*.db"):
+        db = Rdict(str(path), access_type=AccessType.read_only())
+        try:
+            value = db.get(b"__faust\0offset__")  # faust.stores.rocksdb.Store.offset_key
+        finally:
+            db.close()
+        offsets[int(path.stem.rsplit("-", 1)[1])] = None if value is None else int(value)
+    return offsets
+
+
+def last_committed_offsets(bootstrap: str, topic: str, timeout: float = 60) -> dict[int, int]:
+    """Per partition of `topic`, the offset of its last committed record (read_committed)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                             enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        last = {}
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            assert time.monotonic() < deadline, f"{topic}: not read to its end in {timeout} s"
+            for tp, records in consumer.poll(timeout_ms=1000).items():
+                last[tp.partition] = records[-1].offset
+        return last
+    finally:
+        consumer.close()
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +220,10 @@ def test_restarted_worker_continues_each_user_from_their_state(tmp_path, bootstr
         finally:
             worker.stop()
         assert "Traceback" not in worker.log()
+        # The clean stop left each partition's RocksDB knowing how far the changelog it holds
+        # goes, so the next start reads nothing of it again.
+        changelog = f"{env['KSR_APP_ID']}-user-state-changelog"
+        assert persisted_offsets(env["KSR_STATE_DIR"]) == last_committed_offsets(bootstrap, changelog)
 
     messages = decode(received)
     assert sorted(m["event_id"] for m in messages) == sorted(f"ml-100k:{i}" for i in range(1200))

@@ -208,6 +208,9 @@ class Worker:
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
         self.commit_gate = asyncio.Lock()
+        # Under exactly-once: per input partition, the changelog batches sent in its open
+        # transaction (future, record count), for the table's persisted offset at its commit.
+        self.changelog_sends: dict[int, list[tuple[asyncio.Future, int]]] = {}
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -350,6 +353,12 @@ class Worker:
             for lock in held:
                 lock.release()
             raise
+        # Still under the gate: no batch is between its sends and its bookkeeping.
+        partition_of = {self._transactional_id(p): p for p in self.changelog_sends}
+        changelog_sends = {
+            transactional_id: self.changelog_sends.pop(partition_of[transactional_id])
+            for transactional_id in offsets_by_transaction if transactional_id in partition_of
+        }
         hold = _commit_gate_hold.get(None)
         if hold is not None:
             hold.release()
@@ -362,6 +371,7 @@ class Worker:
                     return
                 await client.send_offsets_to_transaction(offsets, group_id)
                 await client.commit_transaction()
+                self._persist_changelog_offset(changelog_sends.get(transactional_id))
                 if start_new_transaction:
                     await client.begin_transaction()
             finally:
@@ -497,7 +507,11 @@ class Worker:
         topic = self.settings.dlq_topic
         outgoing.extend((topic, partition, key, value) for partition, key, value, _ in result.dead_letters)
         for sent_topic, partition, future, count in await self._send_batches(outgoing):
-            if sent_topic == changelog:
+            if sent_topic != changelog:
+                continue
+            if self.app.in_transaction:
+                self.changelog_sends.setdefault(partition, []).append((future, count))
+            else:
                 future.add_done_callback(self._changelog_persisted(TP(changelog, partition), count))
         for *_, reason in result.dead_letters:
             metrics.DEAD_LETTERS.labels(reason).inc()
@@ -512,21 +526,40 @@ class Worker:
             metrics.LATENCY_SECONDS.observe(latency)
 
     def _changelog_persisted(self, tp: TP, count: int):
-        """A done-callback for a batch of `count` changelog records: once the broker has them,
-        record the last one's offset as the table's persisted offset (at the transaction's commit
-        under exactly-once), as Faust's own table writes do."""
+        """At-least-once: a done-callback for a batch of `count` changelog records that records the
+        last one's offset as the table's persisted offset once the broker has them, as Faust's own
+        table writes do. Recovery reads the changelog from after that offset."""
         table = self.user_state
 
         def persisted(done) -> None:
             if done.cancelled() or done.exception() is not None:
                 return
-            offset = done.result().offset + count - 1  # the batch's base offset + its last record
-            if self.app.in_transaction:
-                self.app.tables.persist_offset_on_commit(table.data, tp, offset)
-            else:
-                table.data.set_persisted_offset(tp, offset)
+            table.data.set_persisted_offset(tp, done.result().offset + count - 1)
 
         return persisted
+
+    def _persist_changelog_offset(self, sends: list[tuple[asyncio.Future, int]] | None) -> None:
+        """Exactly-once: after a partition's transaction committed, record its last changelog
+        record's offset as the table's persisted offset, so that a restart after a clean stop reads
+        nothing of the changelog the local RocksDB already holds.
+
+        Faust's own bookkeeping for this (TableManager.persist_offset_on_commit, flushed by
+        on_commit) keys the pending offsets by changelog partition but looks them up by input
+        partition, so under exactly-once it never writes them (faust-streaming 0.15.3): every
+        restart would replay the whole changelog. The transaction committed, so every batch sent in
+        it was delivered (aiokafka flushes before the commit).
+        """
+        if not sends:
+            return
+        last = None
+        for future, count in sends:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                metadata = future.result()
+                offset = metadata.offset + count - 1  # the batch's base offset + its last record
+                if last is None or offset > last[1]:
+                    last = (TP(metadata.topic, metadata.partition), offset)
+        if last is not None:
+            self.user_state.data.set_persisted_offset(*last)
 
     def _transactional_id(self, partition: int) -> str:
         """Faust's transactional id for a partition of the input topic (its TransactionManager's
