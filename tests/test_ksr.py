@@ -63,8 +63,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("serving", [False, True], ids=["torch-write", "numpy-write"])
 @torch.no_grad()
-def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype) -> None:
+def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype, serving: bool) -> None:
     model = make_model(dtype=dtype, **options)
     tol = TOLERANCE[dtype]
     histories = random_histories(1)
@@ -72,7 +73,7 @@ def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype)
     for row, history in enumerate(histories):
         items[row, : len(history)] = history
     lengths = torch.tensor([len(h) for h in histories])
-    user_vectors, weights, final = model(items, lengths)
+    user_vectors, weights, final = model(items, lengths, serving=serving)
     item_vectors = model.item_vectors()
     batch_scores = user_vectors @ item_vectors.T  # (B, T, N)
 
@@ -91,8 +92,9 @@ def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("serving", [False, True], ids=["torch-write", "numpy-write"])
 @torch.no_grad()
-def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype: torch.dtype) -> None:
+def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype: torch.dtype, serving: bool) -> None:
     """The worker runs a batch's several events per user as one forward from the users' stored
     states: it must equal stepping those events one at a time from the same states."""
     model = make_model(dtype=dtype, **options)
@@ -112,7 +114,7 @@ def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype:
     for row, suffix in enumerate(suffixes):
         items[row, : len(suffix)] = suffix
     lengths = torch.tensor([len(s) for s in suffixes])
-    user_vectors, weights, final = model(items, lengths, UserState.stack(states))
+    user_vectors, weights, final = model(items, lengths, UserState.stack(states), serving=serving)
     item_vectors = model.item_vectors()
 
     for row, suffix in enumerate(suffixes):
