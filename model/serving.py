@@ -113,7 +113,7 @@ class Recommender:
         Returns the user vectors (B, T, O) and read weights (B, T, A) after every event (rank them
         with `rank_vectors`) and the users' final states; the same as `step` event by event.
         """
-        return self.model(items, lengths, state)
+        return self.model(items, lengths, state, serving=True)
 
     @torch.no_grad()
     def rank(self, state: UserState, seen: Sequence[Sequence[int]], k: int = 10) -> list[Recommendation]:
@@ -129,15 +129,27 @@ class Recommender:
         k = min(k, self.n_items - 1)
         top_scores, top_items = self._top_k(user_vectors, seen, k)
         tokens = self.item_tokens
+        relations = self.relation_tokens
+        # Rounded and ordered for the whole batch at once; per row only the lists are built.
+        # -inf marks a catalog exhausted by the seen filter: fewer than k items are left.
+        scores = top_scores.numpy().astype(np.float64)
+        finite = np.isfinite(scores).all(axis=1)
+        scores = np.round(scores, 6).tolist()
+        weights = weights.numpy().astype(np.float64)
+        order = np.argsort(-weights, axis=1, kind="stable")  # largest first; ties in relation order
+        weights = np.round(np.take_along_axis(weights, order, axis=1), 6).tolist()
         results = []
-        for row_scores, row_items, row_weights in zip(top_scores.tolist(), top_items.tolist(), weights.tolist()):
-            # -inf marks a catalog exhausted by the seen filter: fewer than k items are left.
-            kept = [(tokens[i], round(v, 6)) for v, i in zip(row_scores, row_items) if v != float("-inf")]
+        for row_scores, row_items, row_finite, row_order, row_weights in zip(
+            scores, top_items.tolist(), finite.tolist(), order.tolist(), weights
+        ):
+            if not row_finite:
+                kept = [(v, i) for v, i in zip(row_scores, row_items) if v != float("-inf")]
+                row_scores, row_items = [v for v, _ in kept], [i for _, i in kept]
             results.append(
                 Recommendation(
-                    items=[t for t, _ in kept],
-                    scores=[v for _, v in kept],
-                    explanation=self._explain(row_weights),
+                    items=[tokens[i] for i in row_items],
+                    scores=row_scores,
+                    explanation=[{"relation": relations[j], "weight": w} for j, w in zip(row_order, row_weights)],
                 )
             )
         return results
@@ -193,11 +205,6 @@ class Recommender:
         excluded = outside | (candidates == 0) | torch.isin(keys, rows * n + cols)
         top_scores, picked = torch.topk(scores.masked_fill(excluded, float("-inf")), k, dim=1)
         return top_scores, torch.gather(candidates, 1, picked)
-
-    def _explain(self, weights: list[float]) -> list[dict]:
-        """Relation weights, largest first: how much each relation drives the user's next pick."""
-        pairs = sorted(zip(self.relation_tokens, weights), key=lambda p: -p[1])
-        return [{"relation": relation, "weight": round(weight, 6)} for relation, weight in pairs]
 
     def lookup(self, tokens: Sequence[str]) -> list[int]:
         """Item indices of raw item ids; raises KeyError naming the first unknown id."""

@@ -107,3 +107,25 @@ def test_recommend_excludes_the_history_and_explains(tmp_path) -> None:
     payload = json.loads(result.stdout)
     assert len(payload["items"]) == 3 and not {"a", "b"} & set(payload["items"])
     assert {e["relation"] for e in payload["explanation"]} == {"genre", "director"}
+
+
+def test_ranking_keeps_only_unseen_items_and_orders_the_explanation(tmp_path) -> None:
+    """A history that leaves fewer than k items gets fewer items, not seen or padding ones; the
+    explanation is every relation, largest weight first; scores are the model's, rounded to 1e-6."""
+    from model.serving import Recommender
+
+    tiny_checkpoint(tmp_path / "ck")
+    recommender = Recommender.load(tmp_path / "ck")
+    histories = [[1, 2, 3], [1], []]
+    state = recommender.replay(histories)
+    recommendations = recommender.rank(state, histories, k=4)
+    scores, weights = recommender.model.score(state)
+    for history, rec, row_scores, row_weights in zip(histories, recommendations, scores, weights):
+        unseen = [i for i in range(1, 6) if i not in history]
+        expected = sorted(unseen, key=lambda i: -row_scores[i].item())[:4]
+        assert rec.items == [recommender.item_tokens[i] for i in expected]
+        assert rec.scores == [round(row_scores[i].item(), 6) for i in expected]
+        assert [e["weight"] for e in rec.explanation] == sorted((e["weight"] for e in rec.explanation), reverse=True)
+        by_relation = dict(zip(recommender.relation_tokens, row_weights.tolist()))
+        assert {e["relation"]: e["weight"] for e in rec.explanation} == pytest.approx(by_relation, abs=1e-6)
+    assert len(recommendations[0].items) == 2  # five items, three seen
