@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import torch
 
 from model.ksr import UserState
@@ -93,7 +94,13 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
     if len(raw) > max_bytes:
         return Rejection("oversized", f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        payload = json.loads(raw)
+        try:
+            # orjson parses well-formed events several times faster; whatever it refuses (NaN,
+            # integers beyond 64 bits, lone surrogates, UTF-16, nesting deeper than 1,024, ...)
+            # goes to the standard parser, so the outcome and the reasons stay the same.
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            payload = json.loads(raw)
     except (ValueError, RecursionError) as error:
         # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of more than
         # sys.get_int_max_str_digits() digits; RecursionError, nesting too deep to parse.
@@ -387,6 +394,8 @@ class BatchProcessor:
                 "emitted_ts": emitted,
             }
             result.recommendations.append(
-                (source.partition, event.user_id.encode(), json.dumps(message).encode())
+                # orjson: a sixteenth of json.dumps's time for this message (README, Speed); the
+                # ids were checked to be valid Unicode and the floats are finite.
+                (source.partition, event.user_id.encode(), orjson.dumps(message))
             )
             result.latencies.append(max(0.0, emitted - source.timestamp))
