@@ -1,6 +1,6 @@
 """The Faust app: topics and the user-state table declared once, one thin agent.
 
-Data path: `interactions` -> agent (batches via take_events, one model forward per batch) ->
+Data path: `interactions` -> agent (batches of the events delivered, one model forward per batch) ->
 BatchProcessor (validate, load states, model step, top-k) -> `recommendations` / `interactions.dlq`,
 and the new states into the `user-state` table (RocksDB via rocksdict, with its changelog topic).
 
@@ -217,10 +217,29 @@ class Worker:
         self._gate_commits()
         self._fast_delivery()
         try:
-            async for events in stream.take_events(self.settings.batch_size, within=self.settings.batch_within_s):
+            async for events in self._batches(stream):
                 await self._batch(stream, events)
         finally:
             await self.offsets.stop()
+
+    async def _batches(self, stream):
+        """The stream's events in batches: each batch is every event already delivered, up to
+        KSR_BATCH_SIZE; it waits for nothing more.
+
+        Faust's take_events waits a fixed window for each batch and stops buffering while the agent
+        processes one, so the worker sat out the window with thousands of events queued and
+        batches of ~100 (README, Speed). Here, under load, a full batch is queued whenever the agent
+        is ready; at a low rate an event is processed as soon as it arrives. Events are acknowledged
+        by `_batch`, after their batch.
+        """
+        queue = stream.channel.queue
+        size = self.settings.batch_size
+        events = []
+        async for event in stream.noack().events():
+            events.append(event)
+            if len(events) >= size or queue.empty():
+                yield events
+                events = []
 
     async def _batch(self, stream, events) -> None:
         # A batch is one unit for the commit: its answers, its state changelog records and its
@@ -482,7 +501,13 @@ class Worker:
             for e in events
         ]
         # One model forward for the whole batch, whichever partitions its events came from.
-        result = self.processor.process(sources, self._load)
+        # No current event while loading states: the agent's stream sets it to the batch's last
+        # event, and the RocksDB store would then look every user up in that event's partition only.
+        token = _current_event.set(None)
+        try:
+            result = self.processor.process(sources, self._load)
+        finally:
+            _current_event.reset(token)
         event_of_partition = {e.message.partition: e for e in events}
         await self._ensure_transactions(event_of_partition)
         precision = self.settings.state_precision
@@ -490,9 +515,9 @@ class Worker:
         changelog = table.changelog_topic_name
         outgoing: list[tuple[str, int, bytes | None, bytes]] = []
         for partition, event in event_of_partition.items():
-            # The RocksDB store picks its partition from the current event, which take_events does
-            # not set in this task: set it to one of the partition's own events (only this task's
-            # context variable; the stream's attribute belongs to its buffering task).
+            # The RocksDB store picks its partition from the current event, which is the batch's
+            # last event here: set it to one of the partition's own events (this task's context
+            # variable only), then restore it.
             token = _current_event.set(weakref.ref(event))
             try:
                 for user_id, (user_partition, stored) in result.states.items():

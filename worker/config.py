@@ -75,7 +75,6 @@ class Settings:
     metrics_host: str
     metrics_port: int
     batch_size: int
-    batch_within_s: float
     top_k: int
     history_length: int
     recent_event_ids: int
@@ -106,7 +105,6 @@ class Settings:
             metrics_host=_text("KSR_METRICS_HOST", "127.0.0.1"),
             metrics_port=_positive_int("KSR_METRICS_PORT", 9464),
             batch_size=_positive_int("KSR_BATCH_SIZE", 256),
-            batch_within_s=_positive_float("KSR_BATCH_WITHIN_MS", 10.0) / 1000,
             top_k=_positive_int("KSR_TOP_K", 10),
             history_length=_positive_int("KSR_HISTORY_LENGTH", 1000),
             recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
