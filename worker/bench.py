@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -337,6 +338,7 @@ def bench_throughput(
             worker.kill()
     users = len({key for key, _ in backlog} | {key for key, _ in paced})
     state_bytes = _disk_bytes(state_dir) - log_path.stat().st_size
+    shutil.rmtree(state_dir, ignore_errors=True)  # the worker's RocksDB files and log
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
     raw_eps, raw_cpu_ms = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
