@@ -394,7 +394,7 @@ class BatchProcessor:
                 "emitted_ts": emitted,
             }
             result.recommendations.append(
-                # orjson: a sixteenth of json.dumps's time for this message (README, Speed); the
+                # orjson: a fraction of json.dumps's time for this message (README, Speed); the
                 # ids were checked to be valid Unicode and the floats are finite.
                 (source.partition, event.user_id.encode(), orjson.dumps(message))
             )
