@@ -208,9 +208,9 @@ class Worker:
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
         self.commit_gate = asyncio.Lock()
-        # Under exactly-once: per input partition, the changelog batches sent in its open
-        # transaction (future, record count), for the table's persisted offset at its commit.
-        self.changelog_sends: dict[int, list[tuple[asyncio.Future, int]]] = {}
+        # Under exactly-once: per input partition's transactional id, the changelog batches sent in
+        # its open transaction (future, record count), for the table's persisted offset at its commit.
+        self.changelog_sends: dict[str, list[tuple[asyncio.Future, int]]] = {}
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -373,10 +373,9 @@ class Worker:
                 lock.release()
             raise
         # Still under the gate: no batch is between its sends and its bookkeeping.
-        partition_of = {self._transactional_id(p): p for p in self.changelog_sends}
         changelog_sends = {
-            transactional_id: self.changelog_sends.pop(partition_of[transactional_id])
-            for transactional_id in offsets_by_transaction if transactional_id in partition_of
+            transactional_id: self.changelog_sends.pop(transactional_id)
+            for transactional_id in offsets_by_transaction if transactional_id in self.changelog_sends
         }
         hold = _commit_gate_hold.get(None)
         if hold is not None:
@@ -535,7 +534,7 @@ class Worker:
             if sent_topic != changelog:
                 continue
             if self.app.in_transaction:
-                self.changelog_sends.setdefault(partition, []).append((future, count))
+                self.changelog_sends.setdefault(self._transactional_id(partition), []).append((future, count))
             else:
                 future.add_done_callback(self._changelog_persisted(TP(changelog, partition), count))
         for *_, reason in result.dead_letters:
