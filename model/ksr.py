@@ -304,7 +304,7 @@ def _write_steps_numpy(memory_values: Tensor, targets: Tensor, writes: Tensor) -
 
     The serving path (`forward(..., serving=True)`): the worker's batches hold a few users with many
     events each, and each step is a handful of operations on a few kilobytes, where NumPy's per-call
-    cost is a fraction of PyTorch's (`ksr bench step` and README, Speed). `v + z (t - v)` is
+    cost is a fraction of PyTorch's (README, Speed). `v + z (t - v)` is
     `(1 - z) v + z t`; a step without a write adds exactly zero. tests/test_ksr.py holds it to
     `step` like the training path.
     """

@@ -110,8 +110,8 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
     first 100, and (messages seen, worker resident memory, worker CPU seconds) samples taken every
-    0.5 s (a 20,000-event backlog drains in a few seconds) from the worker's own `process_resident_memory_bytes` and `process_cpu_seconds_total`
-    (when `metrics_url` is given).
+    0.5 s (a 20,000-event backlog drains in a few seconds) from the worker's own
+    `process_resident_memory_bytes` and `process_cpu_seconds_total` (when `metrics_url` is given).
     """
     from kafka import KafkaConsumer
 
