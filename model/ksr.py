@@ -49,6 +49,7 @@ class KSRConfig:
     gamma: float = 10.0  # attention sharpness in the read (RecBole's value)
     write_transform: bool = False  # the authors' tanh(W e_i + b) before the write
     dropout: float = 0.3  # on item embeddings, training only
+    hidden_dropout: float = 0.0  # on the GRU outputs before f (the user side of scoring), training only
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -117,6 +118,7 @@ class KSR(nn.Module):
         self.item_embedding = nn.Embedding(n, c.item_dim, padding_idx=0)
         self.gru = nn.GRU(c.item_dim, c.hidden_dim, batch_first=True)
         self.embedding_dropout = nn.Dropout(c.dropout)
+        self.hidden_dropout = nn.Dropout(c.hidden_dropout)
 
         def buffer(value: Tensor | None, shape: tuple, dtype: torch.dtype) -> Tensor:
             if value is None:
@@ -266,8 +268,10 @@ class KSR(nn.Module):
         rows = torch.arange(batch, device=items.device)
         started = (lengths > 0).view(-1, 1)
         final_hidden = torch.where(started, hiddens[rows, last], state.hidden)
+        # The dropout (training only) reaches scoring, never the state carried forward.
+        read_hiddens = self.hidden_dropout(hiddens)
         if not self.config.memory:
-            user, weights = self._user_vector(hiddens, None, None)
+            user, weights = self._user_vector(read_hiddens, None, None)
             return user, weights, UserState(final_hidden, state.memory_values, state.evidence)
 
         # The gated write (2) is recurrent in v, so it runs step by step; the read is batched.
@@ -289,7 +293,7 @@ class KSR(nn.Module):
         evidence_history = torch.maximum(
             torch.cummax(relation_hits, dim=1).values, state.evidence.unsqueeze(1)
         )  # (B, T, A)
-        user, weights = self._user_vector(hiddens, memory_history, evidence_history)
+        user, weights = self._user_vector(read_hiddens, memory_history, evidence_history)
         final = UserState(
             final_hidden,
             torch.where(started.unsqueeze(-1), memory_history[rows, last], state.memory_values),

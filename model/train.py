@@ -44,6 +44,8 @@ class TrainConfig:
     relations: int = 10  # memory relations, by item coverage
     threads: int = 2
     max_minutes: float | None = None  # wall-clock cap on the recommender's epochs
+    item_init_std: float | None = None  # item embeddings ~ N(0, std^2) at the start; None: PyTorch's N(0, 1)
+    ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -96,7 +98,9 @@ def build_model(
 ) -> tuple[KSR, ItemKnowledge | None]:
     """A fresh model for the data set: KSR with its KB inputs, or the GRU4Rec ablation."""
     if config.model == "gru4rec":
-        return KSR(replace(model_config, n_items=dataset.n_items, n_relations=0, memory=False)), None
+        model = KSR(replace(model_config, n_items=dataset.n_items, n_relations=0, memory=False))
+        initialise_item_embeddings(model, config.item_init_std)
+        return model, None
     embeddings = transe_embeddings(dataset, transe)
     knowledge = build_item_knowledge(dataset, embeddings, choose_relations(dataset, config.relations))
     model_config = replace(
@@ -113,7 +117,21 @@ def build_model(
         knowledge.item_relation_mask,
         knowledge.relation_keys,
     )
+    initialise_item_embeddings(model, config.item_init_std)
     return model, knowledge
+
+
+@torch.no_grad()
+def initialise_item_embeddings(model: KSR, std: float | None) -> None:
+    """Draw the item embeddings q from N(0, std^2) (padding row 0 stays zero); None keeps PyTorch's
+    N(0, 1), whose scale Adam's small steps barely move in a few thousand updates."""
+    if std is None:
+        return
+    if std <= 0:
+        raise ValueError(f"item_init_std must be positive, got {std}")
+    weight = model.item_embedding.weight
+    weight.normal_(0.0, std)
+    weight[0] = 0.0
 
 
 def _batches(sequences: list[np.ndarray], batch_users: int, generator: random.Random) -> list[list[int]]:
@@ -125,6 +143,13 @@ def _batches(sequences: list[np.ndarray], batch_users: int, generator: random.Ra
     return batches
 
 
+@torch.no_grad()
+def update_average(averaged: KSR, model: KSR, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter."""
+    for mine, theirs in zip(averaged.parameters(), model.parameters()):
+        mine.lerp_(theirs, 1.0 - decay)
+
+
 def train_epoch(
     model: KSR,
     optimizer: torch.optim.Optimizer,
@@ -132,8 +157,13 @@ def train_epoch(
     config: TrainConfig,
     generator: random.Random,
     negative_weights: torch.Tensor | None = None,
+    averaged: KSR | None = None,
 ) -> float:
-    """One pass over the training sequences; returns the mean loss per predicted position."""
+    """One pass over the training sequences; returns the mean loss per predicted position.
+
+    `averaged`: a copy of the model whose weights follow `model`'s as an exponential moving average
+    (decay `config.ema` per optimizer step).
+    """
     model.train()
     total, positions = 0.0, 0
     for batch in _batches(sequences, config.batch_users, generator):
@@ -149,6 +179,8 @@ def train_epoch(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if averaged is not None:
+            update_average(averaged, model, config.ema)
         total += loss.item() * len(targets)
         positions += len(targets)
     return total / max(positions, 1)
@@ -207,20 +239,25 @@ def train(
         # tests on catalogs too large to evaluate, never for quality.
         _log(f"{config.model}: --epochs 0: writing the initial weights, no training or evaluation")
         best = {"epoch": 0, "valid": None, "test": None}
-    best_state = copy.deepcopy(model.state_dict())
+    if not 0.0 <= config.ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {config.ema}")
+    # With an average, it is what is evaluated, selected and saved; the raw weights only train.
+    averaged = copy.deepcopy(model) if config.ema > 0 else None
+    kept = averaged if averaged is not None else model
+    best_state = copy.deepcopy(kept.state_dict())
     history = []
     epochs_started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        loss = train_epoch(model, optimizer, sequences, config, generator, negative_weights)
-        result = evaluate_loo_ksr(model, split)
+        loss = train_epoch(model, optimizer, sequences, config, generator, negative_weights, averaged)
+        result = evaluate_loo_ksr(kept, split)
         seconds = time.perf_counter() - epoch_started
         history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": result["valid"]["ndcg@10"],
                         "seconds": round(seconds, 2)})
         improved = result["valid"]["ndcg@10"] > best["valid"]["ndcg@10"]
         if improved:
             best = {"epoch": epoch, **result}
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         _log(
             f"{config.model}: epoch {epoch} loss {loss:.4f} valid ndcg@10 "
             f"{result['valid']['ndcg@10']:.4f} hit@10 {result['valid']['hit@10']:.4f}"

@@ -192,3 +192,18 @@ def test_losses_train_the_model_towards_the_target() -> None:
             optimizer.step()
             first = first if first is not None else loss.item()
         assert loss.item() < 0.5 * first, loss_name
+
+
+def test_hidden_dropout_reaches_scoring_but_never_the_carried_state() -> None:
+    """Training-time dropout on the GRU outputs changes the user vectors, not the state that the
+    next event (or the worker's RocksDB) continues from; in eval mode it is off entirely."""
+    model = make_model(hidden_dropout=0.5)
+    items, lengths = torch.tensor([[1, 2, 3, 31, 5, 6]]), torch.tensor([6])
+    with torch.no_grad():
+        eval_vectors, _, eval_final = model(items, lengths)
+        model.train()
+        torch.manual_seed(3)
+        train_vectors, _, train_final = model(items, lengths)
+    assert not torch.allclose(train_vectors, eval_vectors)
+    for name in ("hidden", "memory_values", "evidence"):
+        torch.testing.assert_close(getattr(train_final, name), getattr(eval_final, name))

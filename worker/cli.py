@@ -48,12 +48,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = train.TrainConfig(
         model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
-        relations=args.relations, threads=args.threads, max_minutes=args.max_minutes,
+        relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
+        item_init_std=args.item_init_std,
     )
     model_config = KSRConfig(
         n_items=dataset.n_items, n_relations=0, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
         out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
-        write_transform=args.write_transform, dropout=args.dropout,
+        write_transform=args.write_transform, dropout=args.dropout, hidden_dropout=args.hidden_dropout,
     )
     transe = TransEConfig(dim=args.kb_dim, norm=args.transe_norm, epochs=args.transe_epochs, seed=args.seed)
     meta = train.train(dataset, args.out, config, model_config, transe)
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-users", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--item-init-std", type=float, default=None,
+                   help="initial item embeddings ~ N(0, std^2) (default: PyTorch's N(0, 1))")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights (decay per step; 0 = off)")
     p.add_argument("--loss", choices=["ce", "bpr"], default="ce")
     p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
     p.add_argument("--threads", type=int, default=2)
@@ -216,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=10.0)
     p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=False,
                    help="the authors' tanh(W e + b) before the memory write")
-    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--dropout", type=float, default=0.3, help="on item embeddings (training only)")
+    p.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="on the GRU outputs before scoring (training only)")
     p.add_argument("--transe-norm", type=int, choices=[1, 2], default=2)
     p.add_argument("--transe-epochs", type=int, default=100)
     p.add_argument("--json", action="store_true")

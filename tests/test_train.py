@@ -1,0 +1,83 @@
+"""Training options on a tiny synthetic data set: the item embeddings' initial scale and the
+moving average of the weights that is evaluated, selected and saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import checkpoint as checkpoints
+from model import data, evaluate
+from model import train as training
+from model.ksr import KSRConfig
+from model.transe import TransEConfig
+from tests.test_prequential import write_toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[data.Dataset, Path]:
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+        torch.set_num_threads(1)
+        dataset = data.load(write_toy(root / "toy"))
+        training.transe_embeddings(dataset, TransEConfig(dim=8, epochs=2))  # cached for the tests below
+        yield dataset, root
+
+
+SMALL = dict(n_relations=0, kb_dim=8, item_dim=64, hidden_dim=12, out_dim=8)
+
+
+@pytest.mark.parametrize("model_kind", ["ksr", "gru4rec"])
+def test_item_init_std_sets_the_scale_of_the_item_embeddings(toy, model_kind: str, monkeypatch) -> None:
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    transe = TransEConfig(dim=8, epochs=2)
+    stds = {}
+    for std in (None, 0.02):
+        torch.manual_seed(0)
+        model, _ = training.build_model(
+            dataset, training.TrainConfig(model=model_kind, item_init_std=std), config, transe
+        )
+        weight = model.item_embedding.weight.detach()
+        assert torch.all(weight[0] == 0), "the padding row stays zero"
+        stds[std] = weight[1:].std().item()
+    assert stds[None] == pytest.approx(1.0, rel=0.15)  # PyTorch's N(0, 1)
+    assert stds[0.02] == pytest.approx(0.02, rel=0.15)
+    with pytest.raises(ValueError, match="item_init_std must be positive"):
+        training.build_model(dataset, training.TrainConfig(model=model_kind, item_init_std=0.0), config, transe)
+
+
+def test_update_average_is_an_exponential_moving_average() -> None:
+    config = KSRConfig(n_items=10, n_relations=0, item_dim=4, hidden_dim=4, out_dim=4, memory=False)
+    torch.manual_seed(0)
+    averaged, model = training.KSR(config), training.KSR(config)
+    before = [p.detach().clone() for p in averaged.parameters()]
+    training.update_average(averaged, model, 0.9)
+    for old, new, target in zip(before, averaged.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * target)
+
+
+def test_training_with_an_average_saves_and_reports_the_average(toy, monkeypatch) -> None:
+    """Same seed, same raw trajectory: the EMA run's checkpoint differs from the plain run's, and
+    its recorded validation and test figures are those of the weights it saved."""
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    transe = TransEConfig(dim=8, epochs=2)
+    metas = {}
+    for ema in (0.0, 0.5):
+        settings = training.TrainConfig(epochs=3, patience=10, threads=1, batch_users=4, ema=ema,
+                                        item_init_std=0.1)
+        metas[ema] = training.train(dataset, root / f"ema{ema}", settings, config, transe)
+    plain, averaged = checkpoints.load(root / "ema0.0"), checkpoints.load(root / "ema0.5")
+    assert not torch.allclose(plain.model.item_embedding.weight, averaged.model.item_embedding.weight)
+    for ema, loaded in ((0.0, plain), (0.5, averaged)):
+        again = evaluate.evaluate_loo_ksr(loaded.model, evaluate.LeaveOneOut.from_dataset(dataset))
+        assert again["valid"] == metas[ema]["metrics"]["valid"]
+        assert again["test"] == metas[ema]["metrics"]["test"]
+    with pytest.raises(ValueError, match="ema must be in"):
+        training.train(dataset, root / "bad", training.TrainConfig(epochs=1, ema=1.0), config, transe)
