@@ -76,6 +76,31 @@ def evaluate_loo_ksr(
     return {"valid": valid.result(), "test": test.result()}
 
 
+@torch.no_grad()
+def seen_share_at_10(model: KSR, split: LeaveOneOut, batch_users: int = 128) -> float:
+    """At the test position, the share of each user's top 10 (ranked as the protocol ranks: nothing
+    masked) that the user has already consumed. The worker never serves those; the protocol counts
+    them as misses, since no ml-100k user rates an item twice."""
+    was_training = model.training
+    model.eval()
+    users = sorted(split.evaluated_users(), key=lambda u: len(split.sequences[u]))
+    item_vectors = model.item_vectors()
+    seen, slots = 0, 0
+    for start in range(0, len(users), batch_users):
+        histories = [split.sequences[u][:-1] for u in users[start : start + batch_users]]
+        items, lengths = pad(histories)
+        user_vectors, _, _ = model(items, lengths)
+        scores = user_vectors[torch.arange(len(histories)), lengths - 1] @ item_vectors.T
+        scores[:, 0] = float("-inf")
+        top = scores.topk(min(10, scores.shape[1] - 1), dim=1).indices
+        consumed = torch.zeros_like(scores, dtype=torch.bool)
+        consumed[torch.arange(len(histories)).repeat_interleave(lengths), items[items > 0]] = True
+        seen += int(consumed.gather(1, top).sum())
+        slots += top.numel()
+    model.train(was_training)
+    return seen / max(slots, 1)
+
+
 def evaluate_loo_pop(popularity: torch.Tensor, split: LeaveOneOut) -> dict[str, dict[str, float]]:
     """Validation and test metrics of a popularity ranking (the same list for every user)."""
     valid, test = RankingMetrics(), RankingMetrics()
@@ -102,12 +127,15 @@ def evaluate_loo(checkpoint: Checkpoint, dataset: Dataset) -> dict:
     """`ksr evaluate --protocol loo`: test metrics at the top level, validation under "valid"."""
     check_compatible(checkpoint, dataset)
     split = LeaveOneOut.from_dataset(dataset)
+    extra = {}
     if checkpoint.model is None:
         result = evaluate_loo_pop(checkpoint.popularity, split)
     else:
         result = evaluate_loo_ksr(checkpoint.model, split)
+        extra["seen_share@10"] = round(seen_share_at_10(checkpoint.model, split), 4)
     return {
         **result["test"],
+        **extra,
         "valid": result["valid"],
         "users": len(split.evaluated_users()),
         "items": dataset.n_items - 1,

@@ -111,9 +111,12 @@ def checkpoint_settings(checkpoint: Checkpoint) -> tuple[training.TrainConfig, K
     """The checkpoint's training, model and TransE settings (unknown training keys are ignored)."""
     meta = checkpoint.meta
     known = {f.name for f in fields(training.TrainConfig)}
+    recorded = meta.get("train", {})
     train_config = training.TrainConfig(
-        **{k: v for k, v in meta.get("train", {}).items() if k in known and k != "model"},
+        **{k: v for k, v in recorded.items() if k in known and k != "model"},
         model=checkpoint.kind,
+        # Checkpoints from before the setting existed were trained from PyTorch's N(0, 1).
+        **({} if "item_init_std" in recorded else {"item_init_std": None}),
     )
     model_config = KSRConfig.from_dict(meta["config"])
     transe = TransEConfig(**meta["transe"]) if meta.get("transe") else TransEConfig()

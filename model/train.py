@@ -44,7 +44,9 @@ class TrainConfig:
     relations: int = 10  # memory relations, by item coverage
     threads: int = 2
     max_minutes: float | None = None  # wall-clock cap on the recommender's epochs
-    item_init_std: float | None = None  # item embeddings ~ N(0, std^2) at the start; None: PyTorch's N(0, 1)
+    # Item embeddings ~ N(0, std^2) at the start. None is PyTorch's N(0, 1), which Adam's steps barely
+    # move (trained embeddings kept a 0.96 correlation with their draw): the models before 0.02.
+    item_init_std: float | None = 0.02
     ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
 
     def to_dict(self) -> dict:

@@ -81,3 +81,42 @@ def test_training_with_an_average_saves_and_reports_the_average(toy, monkeypatch
         assert again["test"] == metas[ema]["metrics"]["test"]
     with pytest.raises(ValueError, match="ema must be in"):
         training.train(dataset, root / "bad", training.TrainConfig(epochs=1, ema=1.0), config, transe)
+
+
+def test_checkpoints_from_before_the_init_setting_are_retrained_from_the_old_scale() -> None:
+    """The prequential protocol retrains a model with a checkpoint's recorded settings: one that
+    records no `item_init_std` was trained from PyTorch's N(0, 1), not from today's default."""
+    from types import SimpleNamespace
+
+    from model.prequential import checkpoint_settings
+
+    config = KSRConfig(n_items=10, n_relations=0, memory=False).to_dict()
+    old = SimpleNamespace(kind="gru4rec", meta={"train": {"lr": 0.003}, "config": config, "transe": None})
+    new = SimpleNamespace(kind="gru4rec", meta={"train": {"lr": 0.003, "item_init_std": 0.05},
+                                                "config": config, "transe": None})
+    assert checkpoint_settings(old)[0].item_init_std is None
+    assert checkpoint_settings(new)[0].item_init_std == 0.05
+    assert training.TrainConfig().item_init_std == 0.02
+
+
+def test_seen_share_counts_consumed_items_in_the_unmasked_top_10(toy, monkeypatch) -> None:
+    """Against the definition, one user at a time through the streaming step."""
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    training.train(dataset, root / "share", training.TrainConfig(epochs=1, threads=1, batch_users=4),
+                   config, TransEConfig(dim=8, epochs=2))
+    model = checkpoints.load(root / "share").model
+    split = evaluate.LeaveOneOut.from_dataset(dataset)
+    seen = slots = 0
+    with torch.no_grad():
+        for user in split.evaluated_users():
+            history = split.sequences[user][:-1]
+            scores, _ = model.score(model.replay(torch.tensor(history.tolist()).view(1, -1)))
+            scores[0, 0] = float("-inf")
+            top = scores[0].topk(10).indices.tolist()
+            seen += len(set(top) & set(history.tolist()))
+            slots += 10
+    share = evaluate.seen_share_at_10(model, split)
+    assert 0 < share < 1
+    assert share == pytest.approx(seen / slots)

@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-users", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--item-init-std", type=float, default=None,
-                   help="initial item embeddings ~ N(0, std^2) (default: PyTorch's N(0, 1))")
+    p.add_argument("--item-init-std", type=float, default=0.02,
+                   help="initial item embeddings ~ N(0, std^2) (1: the scale of PyTorch's default)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an exponential moving average of the weights (decay per step; 0 = off)")
     p.add_argument("--loss", choices=["ce", "bpr"], default="ce")
