@@ -27,7 +27,7 @@ def toy(tmp_path_factory) -> tuple[data.Dataset, Path]:
         yield dataset, root
 
 
-SMALL = dict(n_relations=0, kb_dim=8, item_dim=64, hidden_dim=12, out_dim=8)
+SMALL = {"n_relations": 0, "kb_dim": 8, "item_dim": 64, "hidden_dim": 12, "out_dim": 8}
 
 
 @pytest.mark.parametrize("model_kind", ["ksr", "gru4rec"])
