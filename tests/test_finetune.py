@@ -25,7 +25,7 @@ def finetune_once(env: dict) -> dict:
 def test_round_promotes_a_better_model_and_a_forced_margin_rejects(tmp_path, bootstrap, small_checkpoint) -> None:
     served = tmp_path / "current"
     shutil.copytree(small_checkpoint, served)
-    env = stream_env(tmp_path, bootstrap, served, KSR_FINETUNE_EPOCHS="2")
+    env = stream_env(tmp_path, bootstrap, served, KSR_FINETUNE_EPOCHS="6")
     replay(env, 3000)
 
     first = finetune_once(env)
