@@ -200,6 +200,9 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     # The stream runs exactly-once (the default): its answers became visible through commits.
     assert samples["ksr_commit_seconds_count"] >= 1
     assert samples["ksr_event_to_recommendation_seconds_count"] >= REPLAYED
+    # KSR_GC_FREEZE (on by default) collected once and froze the start-up heap, timed like any collection.
+    assert samples['ksr_gc_pause_seconds_count{generation="2"}'] >= 1
+    assert samples["ksr_gc_frozen_objects"] > 10_000
 
 
 def test_restarted_worker_continues_each_user_from_their_state(tmp_path, bootstrap, small_checkpoint) -> None:

@@ -174,11 +174,12 @@ def scrape_samples(url: str, names, timeout: float = 2) -> dict[str, float]:
     return found
 
 
-def _histogram(url: str, name: str) -> dict[float, float]:
-    """Cumulative bucket counts {upper bound: count} of a Prometheus histogram on `url`."""
+def _histogram(url: str, name: str, label: str = "") -> dict[float, float]:
+    """Cumulative bucket counts {upper bound: count} of a Prometheus histogram on `url` (of its
+    series with `label`, e.g. 'generation="2"', when given)."""
     buckets: dict[float, float] = {}
     for line in _metrics_page(url):
-        if line.startswith(name + "_bucket{"):
+        if line.startswith(name + "_bucket{") and label in line:
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
     return buckets
@@ -327,9 +328,11 @@ def bench_throughput(
         histogram_url = f"http://127.0.0.1:{metrics_port}/metrics"
         emitted_before = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
         commits_before = _histogram(histogram_url, "ksr_commit_seconds")
+        full_gc_before = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
         latencies = _paced_latencies(base, names, paced, rate, events, timeout, worker)
         emitted_after = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
         commits_after = _histogram(histogram_url, "ksr_commit_seconds")
+        full_gc_after = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
     finally:
         worker.terminate()
         try:
@@ -366,6 +369,9 @@ def bench_throughput(
         "commit_p50_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.50)),
         "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
         "commits": int(commits_after.get(float("inf"), 0) - commits_before.get(float("inf"), 0)),
+        # The worker's full garbage collections during the latency phase: each stops its event loop.
+        "full_gc_collections": int(full_gc_after.get(float("inf"), 0) - full_gc_before.get(float("inf"), 0)),
+        "full_gc_pause_max_ms_bound": _ms(_bucket_quantile(full_gc_before, full_gc_after, 1.0)),
         "events": events,
         "partitions": partitions,
         "catalog": dataset.n_items - 1,

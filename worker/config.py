@@ -80,6 +80,7 @@ class Settings:
     recent_event_ids: int
     rocksdb_write_buffer_mb: int
     fast_delivery: bool
+    gc_freeze: bool
     rocksdb_block_cache_mb: int
     max_event_bytes: int
     processing_guarantee: str
@@ -110,6 +111,7 @@ class Settings:
             recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
             rocksdb_write_buffer_mb=_positive_int("KSR_ROCKSDB_WRITE_BUFFER_MB", 16),
             fast_delivery=_choice("KSR_FAST_DELIVERY", "1", ("0", "1")) == "1",
+            gc_freeze=_choice("KSR_GC_FREEZE", "1", ("0", "1")) == "1",
             rocksdb_block_cache_mb=_positive_int("KSR_ROCKSDB_BLOCK_CACHE_MB", 16),
             max_event_bytes=_positive_int("KSR_MAX_EVENT_BYTES", 64 * 1024),
             processing_guarantee=_choice(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS = Counter("ksr_events", "Interaction events by outcome", ["outcome"])  # ok|dead_letter|duplicate
@@ -41,6 +44,32 @@ OFFSET_JUMPS = Counter(
     "markers and the like; hole: undelivered events, the worker restarts)", ["result"],
 )
 MODEL_SWAPS = Counter("ksr_model_swaps", "Model swap attempts by result", ["result"])
+GC_PAUSE_SECONDS = Histogram(
+    "ksr_gc_pause_seconds", "Python garbage collections: how long each stopped the process, by generation",
+    ["generation"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+
+GC_FROZEN_OBJECTS = Gauge(
+    "ksr_gc_frozen_objects", "Start-up objects moved out of the garbage collector's reach (KSR_GC_FREEZE)"
+)
+
+
+def observe_gc_pauses() -> None:
+    """Time every collection of the cyclic garbage collector into `ksr_gc_pause_seconds` (once per
+    process). A full (generation 2) collection walks every tracked object and stops the event loop
+    while it does."""
+    if getattr(observe_gc_pauses, "installed", False):
+        return
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+    observe_gc_pauses.installed = True
 
 
 def serve(host: str, port: int) -> None:
