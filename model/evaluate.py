@@ -48,18 +48,23 @@ def pad(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_loo_ksr(
-    model: KSR, split: LeaveOneOut, batch_users: int = 128
+    model: KSR, split: LeaveOneOut, batch_users: int = 128, seen_share: bool = False
 ) -> dict[str, dict[str, float]]:
     """Validation and test metrics of a KSR/GRU4Rec model: {"valid": {...}, "test": {...}}.
 
     One forward over each user's events minus the last gives both: the user vector after the
     third-last event predicts the validation item, the one after the second-last the test item.
+
+    `seen_share` adds test["seen_share@10"]: the share of each user's top 10 at the test position
+    (ranked as the protocol ranks: nothing masked) that the user has already consumed. The worker
+    never serves those; the protocol counts them as misses, since no ml-100k user rates an item twice.
     """
     was_training = model.training
     model.eval()
     valid, test = RankingMetrics(), RankingMetrics()
     users = sorted(split.evaluated_users(), key=lambda u: len(split.sequences[u]))
     item_vectors = model.item_vectors()
+    seen, slots = 0, 0
     for start in range(0, len(users), batch_users):
         chunk = [split.sequences[u] for u in users[start : start + batch_users]]
         items, lengths = pad([s[:-1] for s in chunk])
@@ -72,33 +77,17 @@ def evaluate_loo_ksr(
             scores = user_vectors[rows, position] @ item_vectors.T
             scores[:, 0] = float("-inf")
             metrics.add(target_ranks(scores, target))
+        if seen_share:  # `scores` is the test position's; `items` holds each user's history before it
+            top = scores.topk(min(10, scores.shape[1] - 1), dim=1).indices
+            consumed = torch.zeros_like(scores, dtype=torch.bool)
+            consumed[rows.repeat_interleave(lengths), items[items > 0]] = True
+            seen += int(consumed.gather(1, top).sum())
+            slots += top.numel()
     model.train(was_training)
-    return {"valid": valid.result(), "test": test.result()}
-
-
-@torch.no_grad()
-def seen_share_at_10(model: KSR, split: LeaveOneOut, batch_users: int = 128) -> float:
-    """At the test position, the share of each user's top 10 (ranked as the protocol ranks: nothing
-    masked) that the user has already consumed. The worker never serves those; the protocol counts
-    them as misses, since no ml-100k user rates an item twice."""
-    was_training = model.training
-    model.eval()
-    users = sorted(split.evaluated_users(), key=lambda u: len(split.sequences[u]))
-    item_vectors = model.item_vectors()
-    seen, slots = 0, 0
-    for start in range(0, len(users), batch_users):
-        histories = [split.sequences[u][:-1] for u in users[start : start + batch_users]]
-        items, lengths = pad(histories)
-        user_vectors, _, _ = model(items, lengths)
-        scores = user_vectors[torch.arange(len(histories)), lengths - 1] @ item_vectors.T
-        scores[:, 0] = float("-inf")
-        top = scores.topk(min(10, scores.shape[1] - 1), dim=1).indices
-        consumed = torch.zeros_like(scores, dtype=torch.bool)
-        consumed[torch.arange(len(histories)).repeat_interleave(lengths), items[items > 0]] = True
-        seen += int(consumed.gather(1, top).sum())
-        slots += top.numel()
-    model.train(was_training)
-    return seen / max(slots, 1)
+    result = {"valid": valid.result(), "test": test.result()}
+    if seen_share:
+        result["test"]["seen_share@10"] = seen / max(slots, 1)
+    return result
 
 
 def evaluate_loo_pop(popularity: torch.Tensor, split: LeaveOneOut) -> dict[str, dict[str, float]]:
@@ -127,15 +116,13 @@ def evaluate_loo(checkpoint: Checkpoint, dataset: Dataset) -> dict:
     """`ksr evaluate --protocol loo`: test metrics at the top level, validation under "valid"."""
     check_compatible(checkpoint, dataset)
     split = LeaveOneOut.from_dataset(dataset)
-    extra = {}
     if checkpoint.model is None:
         result = evaluate_loo_pop(checkpoint.popularity, split)
     else:
-        result = evaluate_loo_ksr(checkpoint.model, split)
-        extra["seen_share@10"] = round(seen_share_at_10(checkpoint.model, split), 4)
+        result = evaluate_loo_ksr(checkpoint.model, split, seen_share=True)
+        result["test"]["seen_share@10"] = round(result["test"]["seen_share@10"], 4)
     return {
         **result["test"],
-        **extra,
         "valid": result["valid"],
         "users": len(split.evaluated_users()),
         "items": dataset.n_items - 1,

@@ -49,6 +49,13 @@ class TrainConfig:
     item_init_std: float | None = 0.02
     ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
 
+    def __post_init__(self) -> None:
+        # Checked when the settings are made, not after TransE has trained.
+        if self.item_init_std is not None and self.item_init_std <= 0:
+            raise ValueError(f"item_init_std must be positive, got {self.item_init_std}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
         return asdict(self)
@@ -101,24 +108,24 @@ def build_model(
     """A fresh model for the data set: KSR with its KB inputs, or the GRU4Rec ablation."""
     if config.model == "gru4rec":
         model = KSR(replace(model_config, n_items=dataset.n_items, n_relations=0, memory=False))
-        initialise_item_embeddings(model, config.item_init_std)
-        return model, None
-    embeddings = transe_embeddings(dataset, transe)
-    knowledge = build_item_knowledge(dataset, embeddings, choose_relations(dataset, config.relations))
-    model_config = replace(
-        model_config,
-        n_items=dataset.n_items,
-        n_relations=len(knowledge.relation_tokens),
-        kb_dim=transe.dim,
-        memory=True,
-    )
-    model = KSR(
-        model_config,
-        knowledge.item_entity_vectors,
-        knowledge.item_has_entity,
-        knowledge.item_relation_mask,
-        knowledge.relation_keys,
-    )
+        knowledge = None
+    else:
+        embeddings = transe_embeddings(dataset, transe)
+        knowledge = build_item_knowledge(dataset, embeddings, choose_relations(dataset, config.relations))
+        model_config = replace(
+            model_config,
+            n_items=dataset.n_items,
+            n_relations=len(knowledge.relation_tokens),
+            kb_dim=transe.dim,
+            memory=True,
+        )
+        model = KSR(
+            model_config,
+            knowledge.item_entity_vectors,
+            knowledge.item_has_entity,
+            knowledge.item_relation_mask,
+            knowledge.relation_keys,
+        )
     initialise_item_embeddings(model, config.item_init_std)
     return model, knowledge
 
@@ -129,8 +136,6 @@ def initialise_item_embeddings(model: KSR, std: float | None) -> None:
     N(0, 1), whose scale Adam's small steps barely move in a few thousand updates."""
     if std is None:
         return
-    if std <= 0:
-        raise ValueError(f"item_init_std must be positive, got {std}")
     weight = model.item_embedding.weight
     weight.normal_(0.0, std)
     weight[0] = 0.0
@@ -241,8 +246,6 @@ def train(
         # tests on catalogs too large to evaluate, never for quality.
         _log(f"{config.model}: --epochs 0: writing the initial weights, no training or evaluation")
         best = {"epoch": 0, "valid": None, "test": None}
-    if not 0.0 <= config.ema < 1.0:
-        raise ValueError(f"ema must be in [0, 1), got {config.ema}")
     # With an average, it is what is evaluated, selected and saved; the raw weights only train.
     averaged = copy.deepcopy(model) if config.ema > 0 else None
     kept = averaged if averaged is not None else model

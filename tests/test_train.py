@@ -117,6 +117,7 @@ def test_seen_share_counts_consumed_items_in_the_unmasked_top_10(toy, monkeypatc
             top = scores[0].topk(10).indices.tolist()
             seen += len(set(top) & set(history.tolist()))
             slots += 10
-    share = evaluate.seen_share_at_10(model, split)
+    share = evaluate.evaluate_loo_ksr(model, split, seen_share=True)["test"]["seen_share@10"]
     assert 0 < share < 1
     assert share == pytest.approx(seen / slots)
+

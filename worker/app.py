@@ -271,11 +271,10 @@ class Worker:
         process anyway); collections then walk only what was allocated since.
         ``KSR_GC_FREEZE=0`` leaves the collector as Python sets it.
         """
-        if not self.settings.gc_freeze or getattr(self, "_heap_frozen", False):
-            return
+        if not self.settings.gc_freeze or gc.get_freeze_count():
+            return  # off, or frozen already (an agent restarted in the same process)
         gc.collect()
         gc.freeze()
-        self._heap_frozen = True
         metrics.GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
         log.info("froze %d start-up objects out of the garbage collector", gc.get_freeze_count())
 

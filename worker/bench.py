@@ -185,6 +185,11 @@ def _histogram(url: str, name: str, label: str = "") -> dict[float, float]:
     return buckets
 
 
+def _bucket_count(before: dict, after: dict) -> int:
+    """How many observations a histogram gained between two scrapes (its +Inf bucket)."""
+    return int(after.get(float("inf"), 0) - before.get(float("inf"), 0))
+
+
 def _bucket_quantile(before: dict, after: dict, q: float) -> float | None:
     """The upper bucket bound below which a fraction `q` of the observations between two scrapes
     fell (Prometheus buckets: the figure is a bound, not an exact percentile)."""
@@ -368,9 +373,9 @@ def bench_throughput(
         # How long the worker's commits took in that phase (bucket bounds), and how many there were.
         "commit_p50_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.50)),
         "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
-        "commits": int(commits_after.get(float("inf"), 0) - commits_before.get(float("inf"), 0)),
+        "commits": _bucket_count(commits_before, commits_after),
         # The worker's full garbage collections during the latency phase: each stops its event loop.
-        "full_gc_collections": int(full_gc_after.get(float("inf"), 0) - full_gc_before.get(float("inf"), 0)),
+        "full_gc_collections": _bucket_count(full_gc_before, full_gc_after),
         "full_gc_pause_max_ms_bound": _ms(_bucket_quantile(full_gc_before, full_gc_after, 1.0)),
         "events": events,
         "partitions": partitions,
