@@ -121,3 +121,18 @@ def test_seen_share_counts_consumed_items_in_the_unmasked_top_10(toy, monkeypatc
     assert 0 < share < 1
     assert share == pytest.approx(seen / slots)
 
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ema", "1"], "ema must be in [0, 1), got 1.0"),
+    (["--item-init-std", "0"], "item_init_std must be positive, got 0.0"),
+])
+def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str], message: str) -> None:
+    import subprocess
+
+    from conftest import KSR, REPO
+
+    result = subprocess.run([*KSR, "train", "--data", "ml-100k", "--out", str(tmp_path / "out"), *flags],
+                            check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ksr train: {message}"
+    assert not (tmp_path / "out").exists()

@@ -44,13 +44,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from model.ksr import KSRConfig
     from model.transe import TransEConfig
 
+    try:  # settings are checked before any data is read or model trained
+        config = train.TrainConfig(
+            model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
+            lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
+            relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
+            item_init_std=args.item_init_std,
+        )
+    except ValueError as error:
+        print(f"ksr train: {error}", file=sys.stderr)
+        return 2
     dataset = data.load(args.data)
-    config = train.TrainConfig(
-        model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
-        lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
-        relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
-        item_init_std=args.item_init_std,
-    )
     model_config = KSRConfig(
         n_items=dataset.n_items, n_relations=0, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
         out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
