@@ -34,6 +34,10 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["events"] == 2000 and figures["catalog"] == 1682
     assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    # Each answer is emitted before it arrives, so the emitted quantiles cannot exceed the arrived ones.
+    assert 0 <= figures["emit_p50_ms"] <= figures["p50_ms"] and figures["emit_p99_ms"] <= figures["p99_ms"]
+    # The raw pipe answered the same paced events through its echo.
+    assert 0 < figures["raw_pipe_p50_ms"] <= figures["raw_pipe_p99_ms"]
     # Exactly-once (the default): the answers the latency phase saw were made visible by commits.
     assert figures["commits"] >= 1 and figures["commit_p50_ms_bound"] is not None
     assert figures["data"] == "ml-100k" and figures["users"] > 0
@@ -62,6 +66,16 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
     assert figures["state_precision"] == "int8"
     assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0
     assert figures["latency_rate_eps"] == 50 and figures["latency_events"] == 200
+
+
+def test_latency_figures_are_quantiles_of_the_trace() -> None:
+    from worker.bench import _latency_figures
+
+    # (sent, emitted, arrived): 100 answers, sent -> arrived of 1..100 ms, emitted halfway.
+    trace = [(10.0, 10.0 + n / 2000, 10.0 + n / 1000) for n in range(1, 101)]
+    figures = _latency_figures(trace)
+    assert figures == {"p50_ms": 51.0, "p99_ms": 100.0, "emit_p50_ms": 25.5, "emit_p99_ms": 50.0}
+    assert _latency_figures(trace, prefix="raw_pipe_") == {"raw_pipe_p50_ms": 51.0, "raw_pipe_p99_ms": 100.0}
 
 
 def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:

@@ -3,9 +3,11 @@
 (a) raw pipe: an aiokafka consumer feeding an aiokafka producer, no model: the ceiling.
 (b) the worker end to end (`ksr worker` as a subprocess), same broker, partitions, input messages
     and output message size.
-Both drain the same pre-produced backlog (saturation); then the worker is fed at half its
-saturated rate to measure latency from an event's produce time to its recommendation arriving at a
-consumer. Bounded in events and seconds; loopback broker only (KAFKA_BOOTSTRAP_SERVERS is honoured).
+Both drain the same pre-produced backlog (saturation); then each is fed the same further events at
+one rate (by default half the worker's saturated rate) to measure latency from an event's produce
+time to its answer arriving at a read_committed consumer: the worker, and the raw pipe as an echo in
+its own process (the floor of that figure on this machine and broker). Bounded in events and
+seconds; loopback broker only (KAFKA_BOOTSTRAP_SERVERS is honoured).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
-from worker.replay import paced as paced_items
 
 
 def _log(message: str) -> None:
@@ -295,7 +296,7 @@ def bench_throughput(
     checkpoint = checkpoint or str(base.checkpoint)
     dataset = load(data)
     tag = uuid.uuid4().hex[:8]
-    names = {k: f"bench{tag}.{k}" for k in ("raw-in", "raw-out", "in", "out", "dlq", "updates")}
+    names = {k: f"bench{tag}.{k}" for k in ("raw-in", "raw-out", "echo-in", "echo-out", "in", "out", "dlq", "updates")}
     _create_topics(base, list(names.values()), partitions)
     backlog = _events(dataset, events)
     _log(f"producing {events} events to two input topics ({partitions} partitions)")
@@ -331,11 +332,9 @@ def bench_throughput(
         latency_events = min(latency_events, int(rate * 30) or 1)  # at most ~30 s of load
         paced = _events(dataset, latency_events, offset=events)
         histogram_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        emitted_before = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
         commits_before = _histogram(histogram_url, "ksr_commit_seconds")
         full_gc_before = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
-        latencies = _paced_latencies(base, names, paced, rate, events, timeout, worker)
-        emitted_after = _histogram(histogram_url, "ksr_event_to_recommendation_seconds")
+        trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, worker))
         commits_after = _histogram(histogram_url, "ksr_commit_seconds")
         full_gc_after = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
     finally:
@@ -350,10 +349,8 @@ def bench_throughput(
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
     raw_eps, raw_cpu_ms = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
-    latencies.sort()
-
-    def percentile(q: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 2)
+    _log(f"(a) raw pipe: latency at {rate:.0f} events/s")
+    raw_trace = _raw_latency(base, names, paced, rate, len(reply), timeout)
 
     return {
         "raw_pipe_eps": round(raw_eps, 1),
@@ -362,14 +359,14 @@ def bench_throughput(
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
-        "p50_ms": percentile(0.50),
-        "p99_ms": percentile(0.99),
+        # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
+        # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
+        # the delivery to the reader. raw_pipe_*: the same events at the same rate through an
+        # aiokafka echo with no model (the floor this machine and broker give).
+        **_latency_figures(trace),
+        **_latency_figures(raw_trace, prefix="raw_pipe_"),
         "latency_rate_eps": round(rate, 1),
-        "latency_events": len(latencies),
-        # Of that latency, event to recommendation emitted by the worker (before any commit), as
-        # the bucket bound of the worker's histogram: the rest is commit and delivery to the reader.
-        "emit_p50_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.50)),
-        "emit_p99_ms_bound": _ms(_bucket_quantile(emitted_before, emitted_after, 0.99)),
+        "latency_events": len(trace),
         # How long the worker's commits took in that phase (bucket bounds), and how many there were.
         "commit_p50_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.50)),
         "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
@@ -391,49 +388,141 @@ def bench_throughput(
     }
 
 
-def _paced_latencies(base: Settings, names: dict, paced: list, rate: float, already: int, timeout: float,
-                     worker) -> list[float]:
-    """Produce at `rate` with a consumer already at the end of the output topic; latency = arrival
-    at that consumer - produce time."""
-    import threading
+async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, rate: float, timeout: float,
+                       process) -> list[tuple[float, float, float]]:
+    """Produce `paced` into `source` at `rate` while a read_committed consumer, already at the end of
+    `sink`, waits for each answer. Returns (sent, emitted, arrived) wall-clock seconds per event:
+    sent when handed to the producer, emitted from the answer's `emitted_ts`, arrived when fetched.
 
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    aiokafka on one event loop, as light as the pipe it measures: the kafka-python producer thread
+    and consumer this phase used before added waits of their own to every figure (README, Speed).
+    """
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=base.bootstrap_servers, enable_auto_commit=False,
-                             isolation_level="read_committed", fetch_max_wait_ms=5, **base.kafka_security)
-    tps = [TopicPartition(names["out"], p) for p in sorted(consumer.partitions_for_topic(names["out"]))]
-    consumer.assign(tps)
-    consumer.seek_to_end(*tps)
-    for tp in tps:
-        consumer.position(tp)  # resolve the end offsets now, before anything new arrives
-    producer = KafkaProducer(bootstrap_servers=base.bootstrap_servers, acks=1, linger_ms=0,
-                             **base.kafka_security)
+    from worker.app import aiokafka_security
+
+    security = aiokafka_security(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                isolation_level="read_committed", fetch_max_wait_ms=5, **security)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks=1, linger_ms=0, **security)
+    await consumer.start()
+    await producer.start()
     sent_at: dict[str, float] = {}
-
-    def send_all() -> None:
-        for key, event in paced_items(paced, rate):
-            sent_at[event["event_id"]] = time.time()
-            producer.send(names["in"], key=key, value=json.dumps(event).encode())
-        producer.flush()
-
-    sender = threading.Thread(target=send_all)
-    sender.start()
-    latencies = []
-    deadline = time.monotonic() + timeout
+    trace: list[tuple[float, float, float]] = []
+    sender = None
     try:
-        while len(latencies) < len(paced) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=100).values():
-                arrived = time.time()
+        tps = [TopicPartition(sink, p) for p in sorted(await producer.partitions_for(sink))]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)  # resolve the end offsets now, before anything new arrives
+
+        async def send_all() -> None:
+            started = time.perf_counter()
+            for n, (key, event) in enumerate(paced):
+                ahead = n / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                sent_at[event["event_id"]] = time.time()
+                await producer.send(source, key=key, value=json.dumps(event).encode())
+            await producer.flush()
+
+        sender = asyncio.create_task(send_all())
+        deadline = time.monotonic() + timeout
+        while len(trace) < len(paced) and time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=100)
+            arrived = time.time()
+            for records in fetched.values():
                 for record in records:
-                    event_id = json.loads(record.value)["event_id"]
-                    if event_id in sent_at:
-                        latencies.append(arrived - sent_at[event_id])
-            if worker.poll() is not None:
-                raise RuntimeError("the worker exited during the latency phase")
+                    answer = json.loads(record.value)
+                    sent = sent_at.get(answer.get("event_id"))
+                    if sent is not None:
+                        trace.append((sent, answer["emitted_ts"], arrived))
+            if process is not None and process.poll() is not None:
+                raise RuntimeError("the process answering exited during the latency phase")
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()
+        await sender
     finally:
-        sender.join()
-        producer.close()
-        consumer.close()
-    if len(latencies) < len(paced):
-        raise RuntimeError(f"latency phase: {len(latencies)} of {len(paced)} recommendations within {timeout}s")
-    return latencies
+        if sender is not None and not sender.done():
+            sender.cancel()
+        await producer.stop()
+        await consumer.stop()
+    if len(trace) < len(paced):
+        raise RuntimeError(f"latency phase: {len(trace)} of {len(paced)} answers within {timeout}s")
+    return trace
+
+
+def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size: int, timeout: float):
+    """The latency phase through `_echo` in its own process (as the worker is)."""
+    echo = subprocess.Popen([sys.executable, "-m", "worker.bench", "echo", names["echo-in"], names["echo-out"],
+                             str(size)], cwd=REPO_ROOT, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        if echo.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the raw pipe's echo did not start")
+        return asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, echo))
+    finally:
+        echo.terminate()
+        try:
+            echo.wait(30)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+
+
+async def _echo(settings: Settings, source: str, sink: str, size: int) -> None:
+    """The raw pipe for the latency phase: answer each event at once with a `size`-byte message
+    carrying its event id and the time it was sent (no model, no state, no transactions). Reads
+    every partition of `source` from the start; prints "ready" once positioned."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from worker.app import aiokafka_security
+
+    security = aiokafka_security(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                **security)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0, **security)
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(source, p) for p in sorted(await producer.partitions_for(source))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        print("ready", flush=True)
+        while True:
+            for tp, records in (await consumer.getmany(timeout_ms=500, max_records=1000)).items():
+                for record in records:
+                    answer = {"event_id": json.loads(record.value)["event_id"], "emitted_ts": time.time()}
+                    padding = max(0, size - len(json.dumps(answer)) - 10)
+                    answer["pad"] = "x" * padding
+                    await producer.send(sink, key=record.key, value=json.dumps(answer).encode(),
+                                        partition=tp.partition)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def _latency_figures(trace: list[tuple[float, float, float]], prefix: str = "") -> dict:
+    """p50/p99 of sent -> arrived (and, with no prefix, of sent -> emitted), in milliseconds."""
+
+    def percentile(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+    total = [arrived - sent for sent, _, arrived in trace]
+    figures = {f"{prefix}p50_ms": percentile(total, 0.50), f"{prefix}p99_ms": percentile(total, 0.99)}
+    if not prefix:
+        emitted = [max(0.0, emitted - sent) for sent, emitted, _ in trace]
+        figures.update(emit_p50_ms=percentile(emitted, 0.50), emit_p99_ms=percentile(emitted, 0.99))
+    return figures
+
+
+if __name__ == "__main__":  # python -m worker.bench echo SOURCE SINK SIZE (the latency phase's raw pipe)
+    if sys.argv[1:2] == ["echo"] and len(sys.argv) == 5:
+        try:
+            asyncio.run(_echo(Settings.from_env(), sys.argv[2], sys.argv[3], int(sys.argv[4])))
+        except KeyboardInterrupt:
+            pass
+    else:
+        sys.exit("usage: python -m worker.bench echo SOURCE SINK SIZE")
