@@ -116,6 +116,11 @@ class Recommender:
         return self.model(items, lengths, state, serving=True)
 
     @torch.no_grad()
+    def user_vectors(self, state: UserState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user vectors (B, O) and read weights (B, A) of B states, for `rank_vectors`."""
+        return self.model.user_vector(state)
+
+    @torch.no_grad()
     def rank(self, state: UserState, seen: Sequence[Sequence[int]], k: int = 10) -> list[Recommendation]:
         """Top-k unseen items and the explanation for each user of a batch of states."""
         return self.rank_vectors(*self.model.user_vector(state), seen, k)

@@ -118,3 +118,49 @@ def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recomme
     finite = torch.isfinite(expected_scores)
     assert torch.equal(items[finite], expected_items[finite])
     assert int((~finite).sum()) == 10 - 3  # the user who has seen all but 3 items gets only 3
+
+
+@pytest.mark.parametrize("answer_duplicates", [False, True])
+@torch.no_grad()
+def test_a_redelivered_batch_is_never_applied_twice_and_at_least_once_answers_it_again(
+        recommender: Recommender, answer_duplicates: bool) -> None:
+    """After a crash between a batch's state write and its send, the batch comes again. Its events
+    are in the users' states already: they must not be applied twice. At-least-once
+    (answer_duplicates) answers each of them again from the user's current state, which for a
+    user's last event is exactly its first answer; exactly-once never sees such a redelivery and
+    answers a duplicate id not at all."""
+    items = recommender.item_tokens[1:10]
+    first = [_source(0, "a", items[0], "e0"), _source(1, "a", items[1], "e1"), _source(2, "b", items[2], "e2")]
+    again = [*first, _source(3, "a", items[3], "e3")]
+
+    def run(batches, processor):
+        table: dict[str, bytes] = {}
+        results = []
+        for batch in batches:
+            result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
+            for user_id, (_, stored) in result.states.items():
+                table[user_id] = encode(stored, "float32")
+            results.append((result, {json.loads(v)["event_id"]: json.loads(v) for _, _, v in result.recommendations}))
+        return results, table
+
+    processor = BatchProcessor(recommender, top_k=10, answer_duplicates=answer_duplicates)
+    [(_, original), (result, answers)], table = run([first, again], processor)
+    assert result.duplicates == 3 and not result.dead_letters
+    if answer_duplicates:
+        assert sorted(answers) == ["e0", "e1", "e2", "e3"] and result.answered_duplicates == 3
+        for event_id in ("e1", "e2"):  # each user's last event of the first batch
+            assert answers[event_id]["items"] == original[event_id]["items"]
+            np.testing.assert_allclose(answers[event_id]["scores"], original[event_id]["scores"], atol=1e-6)
+        # e0's answer comes from a's state after e1 (its current state), with e0 and e1 seen.
+        assert not {items[0], items[1]} & set(answers["e0"]["items"])
+        assert answers["e0"]["items"] == original["e1"]["items"]
+    else:
+        assert sorted(answers) == ["e3"] and result.answered_duplicates == 0
+
+    # The states equal a run that saw each event once.
+    [_, _], once = run([first, [again[-1]]], BatchProcessor(recommender, top_k=10))
+    for user in ("a", "b"):
+        got, expected = decode(table[user]), decode(once[user])
+        np.testing.assert_allclose(got.hidden, expected.hidden, atol=1e-6)
+        np.testing.assert_allclose(got.memory_values, expected.memory_values, atol=1e-6)
+        assert got.history.tolist() == expected.history.tolist() and got.events == expected.events

@@ -15,9 +15,24 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 def test_worker_killed_mid_stream_answers_every_event_exactly_once(bootstrap, small_checkpoint) -> None:
     result = faults.crash(bootstrap, str(small_checkpoint), events=5000, rate=500, kill_after=4)
     assert result["events_sent"] == 5000
+    assert 0 < result["answered_before_kill"] < 5000, "the kill must land mid-stream"
     assert result["lost"] == 0 and result["duplicated"] == 0, result
     assert result["answered"] == 5000
     assert result["discarded_local_state"], "a crash must rebuild local state from the changelog"
+    assert result["max_state_diff"] <= 1e-5, result
+
+
+def test_at_least_once_worker_killed_mid_stream_loses_no_answer_and_applies_each_event_once(
+        bootstrap, small_checkpoint) -> None:
+    """KSR_PROCESSING_GUARANTEE=at_least_once: after a kill -9 the events since the last commit
+    come again. Each is answered again (some may so be answered twice) and applied to its user's
+    state once."""
+    result = faults.crash(bootstrap, str(small_checkpoint), events=5000, rate=500, kill_after=4,
+                          guarantee="at_least_once")
+    assert result["events_sent"] == 5000
+    assert 0 < result["answered_before_kill"] < 5000, "the kill must land mid-stream"
+    assert result["lost"] == 0, result
+    assert result["answered"] == 5000
     assert result["max_state_diff"] <= 1e-5, result
 
 

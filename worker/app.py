@@ -150,6 +150,7 @@ class Worker:
             history_length=settings.history_length,
             recent_event_ids=settings.recent_event_ids,
             max_event_bytes=settings.max_event_bytes,
+            answer_duplicates=settings.processing_guarantee == "at_least_once",
         )
         self.app = faust.App(
             settings.app_id,
@@ -561,7 +562,7 @@ class Worker:
             metrics.DEAD_LETTERS.labels(reason).inc()
         metrics.BATCH_SIZE.observe(len(sources))
         metrics.STEP_SECONDS.observe(result.step_seconds)
-        metrics.EVENTS.labels("ok").inc(len(result.recommendations))
+        metrics.EVENTS.labels("ok").inc(len(result.recommendations) - result.answered_duplicates)
         metrics.EVENTS.labels("dead_letter").inc(len(result.dead_letters))
         metrics.EVENTS.labels("duplicate").inc(result.duplicates)
         metrics.RECOMMENDATIONS.inc(len(result.recommendations))

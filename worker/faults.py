@@ -159,6 +159,15 @@ class Collector(threading.Thread):
                 return
             time.sleep(0.5)
 
+    def wait_for_answers(self, count: int, timeout: float) -> bool:
+        """Until `count` answers have arrived (or the timeout passes); whether they did."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def stop(self) -> None:
         self._stop_event.set()
         self.join(30)
@@ -263,13 +272,18 @@ def open_stream(name: str, bootstrap: str, checkpoint: str, events: int, **env_e
 
 
 def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500.0, kill_after: float = 4.0,
-          timeout: float = 240.0) -> dict:
-    """kill -9 the worker mid-stream and start it again with the same state folder."""
-    stream = open_stream("crash", bootstrap, checkpoint, events)
+          timeout: float = 240.0, guarantee: str = "exactly_once") -> dict:
+    """kill -9 the worker mid-stream (`kill_after` seconds after its first answer, or once 60% of
+    the events are answered if sooner) and start it again with the same state folder."""
+    stream = open_stream("crash", bootstrap, checkpoint, events, KSR_PROCESSING_GUARANTEE=guarantee)
     worker, collector = stream.worker, stream.collector
     try:
         producer = stream.start_load(bootstrap, rate)
-        time.sleep(kill_after)
+        # The metrics endpoint is up before the worker has joined its group and recovered its
+        # tables: wait for it to answer, so that the kill lands mid-stream, not in its start (nor
+        # after its end, on a machine where the start takes longer: at most 60% answered).
+        collector.wait_for_answers(1, timeout)
+        collector.wait_for_answers(int(0.6 * events), kill_after)
         worker.stop(signal.SIGKILL)
         killed_at = time.time()
         worker.start()
@@ -278,8 +292,10 @@ def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500
     finally:
         worker.stop()
         collector.stop()
-    result = {"scenario": "crash", **count_answers(collector.received, stream.event_ids),
+    result = {"scenario": "crash", "processing_guarantee": guarantee,
+              **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, killed_at),
+              "answered_before_kill": len({m.get("event_id") for t, m in collector.received if t <= killed_at}),
               "producer_failures": producer.failures}
     result["max_state_diff"] = state_difference(changelog_states(bootstrap, stream.env["KSR_APP_ID"]),
                                                 checkpoint, stream.dataset, events)
@@ -487,6 +503,7 @@ def run_all(checkpoint: str, bootstrap: str) -> dict:
     """`ksr bench faults`: every scenario, one line each."""
     return {
         "crash": crash(bootstrap, checkpoint),
+        "crash_at_least_once": crash(bootstrap, checkpoint, guarantee="at_least_once"),
         "scale_out": scale_out(bootstrap, checkpoint),
         "broker_outage": broker_outage(bootstrap, checkpoint),
         "hostile_input": hostile_input(bootstrap, checkpoint),

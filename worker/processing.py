@@ -158,6 +158,7 @@ class BatchResult:
     dead_letters: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (.., reason)
     states: dict[str, tuple[int, StoredUser]] = field(default_factory=dict)  # user -> (partition, state)
     duplicates: int = 0
+    answered_duplicates: int = 0  # of the duplicates, those answered again (at-least-once)
     new_users: int = 0
     recomputed_users: int = 0
     rounds: int = 0  # sequential model steps: the most events any one user had in the batch
@@ -230,8 +231,13 @@ class BatchProcessor:
         history_length: int = 1000,
         recent_event_ids: int = 32,
         max_event_bytes: int = 64 * 1024,
+        answer_duplicates: bool = False,
     ) -> None:
         self.recommender = recommender
+        # At-least-once: a redelivered event whose id the user's state already holds may never
+        # have been answered (the process died between the state write and the send), so it is
+        # answered again from the user's current state; the state does not take it twice.
+        self.answer_duplicates = answer_duplicates
         self.top_k = top_k
         self.history_length = history_length
         self.recent_event_ids = recent_event_ids
@@ -291,6 +297,9 @@ class BatchProcessor:
         partition_of: dict[str, int] = {}
         emitted: list[tuple[Source, Interaction, int]] = []
         seen: list[np.ndarray] = []
+        again: list[tuple[Source, Interaction, int]] = []  # duplicates to answer again
+        again_states: list[StoredUser] = []
+        again_seen: list[np.ndarray] = []
         for entry in accepted:
             source, event, index = entry
             user = users[event.user_id]
@@ -299,6 +308,11 @@ class BatchProcessor:
                 hashed = event_id_hash(event.event_id)
                 if hashed in user.recent_ids:
                     result.duplicates += 1
+                    if self.answer_duplicates and user.events:
+                        # The state as stored before this batch, the history as of this event.
+                        again.append(entry)
+                        again_states.append(user)
+                        again_seen.append(user.history)
                     continue
                 user.recent_ids = (user.recent_ids + [hashed])[-self.recent_event_ids :]
             # np.append makes a new array, so `seen` keeps this event's snapshot.
@@ -308,6 +322,13 @@ class BatchProcessor:
             positions.setdefault(event.user_id, []).append(len(emitted))
             emitted.append(entry)
             seen.append(user.history)
+        if again:
+            # Before _run, which moves the users' states past this batch's fresh events.
+            started = time.perf_counter()
+            user_vectors, weights = self.recommender.user_vectors(UserState(*to_tensors(again_states)))
+            result.step_seconds += time.perf_counter() - started
+            self._emit(again, user_vectors, weights, again_seen, result)
+            result.answered_duplicates = len(again)
         if emitted:
             self._run(emitted, positions, users, seen, result)
         result.states = {u: (partition_of[u], users[u]) for u in users}
