@@ -338,11 +338,7 @@ def bench_throughput(
         commits_after = _histogram(histogram_url, "ksr_commit_seconds")
         full_gc_after = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
     finally:
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker, 60)
     users = len({key for key, _ in backlog} | {key for key, _ in paced})
     state_bytes = _disk_bytes(state_dir) - log_path.stat().st_size
     shutil.rmtree(state_dir, ignore_errors=True)  # the worker's RocksDB files and log
@@ -462,11 +458,16 @@ def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size
             raise RuntimeError("the raw pipe's echo did not start")
         return asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, echo))
     finally:
-        echo.terminate()
-        try:
-            echo.wait(30)
-        except subprocess.TimeoutExpired:
-            echo.kill()
+        _stop(echo, 30)
+
+
+def _stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 async def _echo(settings: Settings, source: str, sink: str, size: int) -> None:
