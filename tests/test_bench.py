@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import KSR, REPO
@@ -43,6 +44,7 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["data"] == "ml-100k" and figures["users"] > 0
     assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
     assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None
+    assert "worker_loop_thread_busy" in figures
 
 
 @pytest.mark.broker
@@ -66,6 +68,34 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
     assert figures["state_precision"] == "int8"
     assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0
     assert figures["latency_rate_eps"] == 50 and figures["latency_events"] == 200
+
+
+def test_loop_thread_cpu_reads_the_supervisors_child_main_thread() -> None:
+    """The supervisor (here a python that waits) runs the worker as its child; the figure is the
+    child's main thread's CPU time, which a busy loop there drives up at about wall speed."""
+    import sys
+    import time
+
+    from worker.bench import _loop_thread_cpu
+
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 20: pass"
+    supervisor = subprocess.Popen([sys.executable, "-c",
+                                   f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"])
+    try:
+        deadline = time.monotonic() + 10
+        first = None
+        while first is None and time.monotonic() < deadline:
+            first = _loop_thread_cpu(supervisor.pid)
+            time.sleep(0.05)
+        assert first is not None, "no child found under /proc"
+        time.sleep(1.0)
+        assert _loop_thread_cpu(supervisor.pid) - first > 0.3  # spinning for 1 s (2 cores shared)
+    finally:
+        children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+        for child in children.read_text().split() if children.exists() else []:
+            os.kill(int(child), 9)
+        supervisor.kill()
+        supervisor.wait()
 
 
 def test_latency_figures_are_quantiles_of_the_trace() -> None:

@@ -110,9 +110,10 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
     """Read `count` committed messages of `topic` from the start.
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
-    first 100, and (messages seen, worker resident memory, worker CPU seconds) samples taken every
-    0.5 s (a 20,000-event backlog drains in a few seconds) from the worker's own
-    `process_resident_memory_bytes` and `process_cpu_seconds_total` (when `metrics_url` is given).
+    first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
+    CPU seconds, monotonic time) samples taken every 0.5 s (a 20,000-event backlog drains in a few
+    seconds) from the worker's own `process_resident_memory_bytes` and `process_cpu_seconds_total`
+    (when `metrics_url` is given) and /proc.
     """
     from kafka import KafkaConsumer
 
@@ -121,7 +122,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
     stamps: list[float] = []
     longest = b""
-    samples: list[tuple[int, float, float]] = []
+    samples: list[tuple[int, float, float, float | None, float]] = []
     deadline = time.monotonic() + timeout
     next_sample = 0.0
     try:
@@ -136,7 +137,9 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                                                         "process_cpu_seconds_total"))
                     if len(page) == 2:
                         samples.append((len(stamps), page["process_resident_memory_bytes"],
-                                        page["process_cpu_seconds_total"]))
+                                        page["process_cpu_seconds_total"],
+                                        _loop_thread_cpu(process.pid) if process is not None else None,
+                                        time.monotonic()))
                 if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
@@ -204,22 +207,48 @@ def _bucket_quantile(before: dict, after: dict, q: float) -> float | None:
     return None
 
 
-def _cpu_per_event(samples: list[tuple[int, float, float]], count: int) -> float | None:
+def _loop_thread_cpu(supervisor_pid: int) -> float | None:
+    """CPU seconds of the Faust worker's main thread (its event loop: agent, Faust, producer), the
+    first child of `ksr worker`'s supervisor; None where /proc does not tell."""
+    try:
+        child = int(Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()[0])
+        fields = Path(f"/proc/{child}/task/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _middle(samples: list[tuple], count: int) -> list[tuple]:
+    """The samples taken over the middle 80% of the backlog (start-up and tail left out)."""
+    return [sample for sample in samples if 0.1 * count <= sample[0] <= 0.9 * count]
+
+
+def _cpu_per_event(samples: list[tuple], count: int) -> float | None:
     """The worker's CPU seconds (all its threads) per output over the middle 80% of the backlog,
     in milliseconds: what the worker spends per event, a figure a busy machine disturbs far less
     than a rate."""
-    middle = [(seen, cpu) for seen, _, cpu in samples if 0.1 * count <= seen <= 0.9 * count]
+    middle = _middle(samples, count)
     if len(middle) < 2 or middle[-1][0] == middle[0][0]:
         return None
-    return round((middle[-1][1] - middle[0][1]) / (middle[-1][0] - middle[0][0]) * 1000, 4)
+    return round((middle[-1][2] - middle[0][2]) / (middle[-1][0] - middle[0][0]) * 1000, 4)
 
 
-def _rss_growth(samples: list[tuple[int, float, float]], count: int) -> dict:
+def _loop_thread_busy(samples: list[tuple], count: int) -> float | None:
+    """The share of wall time the worker's event-loop thread spent on a CPU over the middle 80% of
+    the backlog: near 1, the loop is the bottleneck (a profile's "idle" share then includes waiting
+    for the interpreter lock, not spare capacity)."""
+    middle = [sample for sample in _middle(samples, count) if sample[3] is not None]
+    if len(middle) < 2 or middle[-1][4] == middle[0][4]:
+        return None
+    return round((middle[-1][3] - middle[0][3]) / (middle[-1][4] - middle[0][4]), 3)
+
+
+def _rss_growth(samples: list[tuple], count: int) -> dict:
     """Resident memory when 20% of the outputs were seen, at the end, and the growth in between."""
     if not samples:
         return {"rss_mb_at_20pct": None, "rss_mb_max_after": None, "rss_growth_last_80pct": None}
-    at_20 = next((rss for seen, rss, _ in samples if seen >= 0.2 * count), samples[-1][1])
-    after = max(rss for seen, rss, _ in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
+    at_20 = next((rss for seen, rss, *_ in samples if seen >= 0.2 * count), samples[-1][1])
+    after = max(rss for seen, rss, *_ in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
     return {"rss_mb_at_20pct": round(at_20 / 2**20, 1), "rss_mb_max_after": round(after / 2**20, 1),
             "rss_growth_last_80pct": round(after / at_20 - 1, 4)}
 
@@ -355,6 +384,7 @@ def bench_throughput(
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
+        "worker_loop_thread_busy": _loop_thread_busy(samples, events),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
         # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
         # the delivery to the reader. raw_pipe_*: the same events at the same rate through an
