@@ -123,7 +123,7 @@ class Recommender:
     @torch.no_grad()
     def rank(self, state: UserState, seen: Sequence[Sequence[int]], k: int = 10) -> list[Recommendation]:
         """Top-k unseen items and the explanation for each user of a batch of states."""
-        return self.rank_vectors(*self.model.user_vector(state), seen, k)
+        return self.rank_vectors(*self.user_vectors(state), seen, k)
 
     @torch.no_grad()
     def rank_vectors(

@@ -39,3 +39,26 @@ def test_paced_without_a_rate_never_sleeps(monkeypatch) -> None:
     assert list(replay.paced(range(5), None)) == [0, 1, 2, 3, 4]
     assert list(replay.paced(range(3), 0)) == [0, 1, 2]
     assert clock.sleeps == []
+
+
+def test_paced_async_keeps_the_same_schedule(monkeypatch) -> None:
+    import asyncio
+
+    clock = FakeClock()
+
+    async def fake_sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+
+    monkeypatch.setattr(replay.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(replay.asyncio, "sleep", fake_sleep)
+
+    async def run() -> list:
+        released = []
+        async for item in replay.paced_async("abcd", rate=4.0):
+            released.append((item, clock.now))
+            if item == "b":
+                clock.now += 0.6
+        return released
+
+    assert asyncio.run(run()) == [("a", 100.0), ("b", 100.25), ("c", 100.85), ("d", 100.85)]
+    assert clock.sleeps == [0.25]

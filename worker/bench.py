@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
+from worker.replay import paced_async
 
 
 def _log(message: str) -> None:
@@ -444,11 +445,7 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
             await consumer.position(tp)  # resolve the end offsets now, before anything new arrives
 
         async def send_all() -> None:
-            started = time.perf_counter()
-            for n, (key, event) in enumerate(paced):
-                ahead = n / rate - (time.perf_counter() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+            async for key, event in paced_async(paced, rate):
                 sent_at[event["event_id"]] = time.time()
                 await producer.send(source, key=key, value=json.dumps(event).encode())
             await producer.flush()

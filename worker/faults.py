@@ -126,6 +126,16 @@ class PacedProducer(threading.Thread):
         self.producer.close()
 
 
+def _poll(done, timeout: float, interval: float) -> bool:
+    """Check `done()` every `interval` seconds until it holds or `timeout` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 class Collector(threading.Thread):
     """Reads a topic from the beginning with read_committed; records (arrival time, value)."""
 
@@ -151,22 +161,13 @@ class Collector(threading.Thread):
         finally:
             consumer.close()
 
-    def wait_for(self, event_ids: set[str], timeout: float) -> None:
-        """Until every id has an answer (or the timeout passes)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if event_ids <= {m.get("event_id") for _, m in self.received}:
-                return
-            time.sleep(0.5)
+    def wait_for(self, event_ids: set[str], timeout: float) -> bool:
+        """Until every id has an answer (or the timeout passes); whether they all have."""
+        return _poll(lambda: event_ids <= {m.get("event_id") for _, m in self.received}, timeout, 0.5)
 
     def wait_for_answers(self, count: int, timeout: float) -> bool:
         """Until `count` answers have arrived (or the timeout passes); whether they did."""
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return _poll(lambda: len(self.received) >= count, timeout, 0.1)
 
     def stop(self) -> None:
         self._stop_event.set()

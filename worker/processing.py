@@ -308,7 +308,7 @@ class BatchProcessor:
                 hashed = event_id_hash(event.event_id)
                 if hashed in user.recent_ids:
                     result.duplicates += 1
-                    if self.answer_duplicates and user.events:
+                    if self.answer_duplicates:
                         # The state as stored before this batch, the history as of this event.
                         again.append(entry)
                         again_states.append(user)

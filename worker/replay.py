@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import sys
@@ -10,15 +11,29 @@ import time
 from worker.config import Settings
 
 
+def _ahead(n: int, rate: float | None, started: float) -> float:
+    """Seconds until the n-th item is due (n / rate after `started`); <= 0 when due or unpaced."""
+    return n / rate - (time.perf_counter() - started) if rate else 0.0
+
+
 def paced(items, rate: float | None):
     """Yield `items` no faster than `rate` per second, the n-th not before n / rate seconds after
     the first (falling behind is made up at once); a rate of None or 0 does not pace."""
     started = time.perf_counter()
     for n, item in enumerate(items):
-        if rate:
-            ahead = n / rate - (time.perf_counter() - started)
-            if ahead > 0:
-                time.sleep(ahead)
+        ahead = _ahead(n, rate, started)
+        if ahead > 0:
+            time.sleep(ahead)
+        yield item
+
+
+async def paced_async(items, rate: float | None):
+    """`paced` on an event loop: the same schedule, awaiting instead of blocking the thread."""
+    started = time.perf_counter()
+    for n, item in enumerate(items):
+        ahead = _ahead(n, rate, started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
         yield item
 
 
