@@ -205,6 +205,26 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     assert samples["ksr_gc_frozen_objects"] > 10_000
 
 
+def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:
+    """KSR_FAST_DELIVERY=0: Faust's stream delivers the events one at a time, instead of whole
+    fetches handed to the agent (worker.delivery, the default the other tests run). The same
+    events get the same recommendations."""
+    count = 400
+    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", KSR_FAST_DELIVERY="0")
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        replay(env, count)
+        answers = decode(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=180, worker=worker))
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log()
+    assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
+    direct = {m["event_id"]: m for m in replayed}
+    for message in answers:
+        assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
+        assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
+
+
 def test_restarted_worker_continues_each_user_from_their_state(tmp_path, bootstrap, small_checkpoint) -> None:
     """Stop and restart (same RocksDB folder), then restart with the folder wiped (restored from
     the changelog): each user's next recommendation equals what an uninterrupted run gives."""

@@ -1,6 +1,7 @@
 """The Faust app: topics and the user-state table declared once, one thin agent.
 
-Data path: `interactions` -> agent (batches of the events delivered, one model forward per batch) ->
+Data path: `interactions` -> agent (batches of the events fetched, handed over whole by
+worker.delivery; one model forward per batch) ->
 BatchProcessor (validate, load states, model step, top-k) -> `recommendations` / `interactions.dlq`,
 and the new states into the `user-state` table (RocksDB via rocksdict, with its changelog topic).
 
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import contextvars
 import gc
-import inspect
 import json
 import logging
 import os
@@ -30,6 +30,7 @@ from faust.types import TP
 from model.serving import Recommender
 from worker import metrics
 from worker.config import Settings
+from worker.delivery import DirectDelivery
 from worker.ledger import BrokerOffsets, Delivery, OffsetLedger
 from worker.processing import BatchProcessor, Source
 from worker.state import StateDecodeError, StoredUser, decode, encode
@@ -133,6 +134,16 @@ class _GateHold:
             lock.release()
 
 
+class _PartitionEvent:
+    """What Faust's RocksDB store reads of the current event when it writes a key: the message,
+    for its partition (worker.app.Worker.handle sets one per partition it writes)."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, message) -> None:
+        self.message = message
+
+
 _commit_gate_hold: contextvars.ContextVar[_GateHold | None] = contextvars.ContextVar("ksr_commit_gate_hold")
 
 
@@ -209,6 +220,12 @@ class Worker:
         self.app.timer(30.0)(self._release_free_memory)
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
+        # Interactions handed from the fetch loop to the agent in whole fetches (worker.delivery);
+        # None with KSR_FAST_DELIVERY=0 (Faust's stream delivers them one at a time).
+        self.delivery = (
+            DirectDelivery(self.app, settings.interactions_topic, max_queued=max(4096, 4 * settings.batch_size))
+            if settings.fast_delivery else None
+        )
         self.commit_gate = asyncio.Lock()
         # Under exactly-once: per input partition's transactional id, the changelog batches sent in
         # its open transaction (future, record count), for the table's persisted offset at its commit.
@@ -217,23 +234,40 @@ class Worker:
 
     async def _agent(self, stream) -> None:
         self._gate_commits()
-        self._fast_delivery()
+        if self.delivery is not None:
+            self.delivery.install()
         self._freeze_startup_heap()
         try:
-            async for events in self._batches(stream):
-                await self._batch(stream, events)
+            if self.delivery is not None:
+                # Direct delivery (worker.delivery): the agent's Faust stream stays empty.
+                delivery = self.delivery
+
+                async def acknowledge(messages) -> None:
+                    delivery.done(messages)
+
+                async for messages in delivery.batches(self.settings.batch_size):
+                    delivery.take(messages)
+                    await self._batch(messages, acknowledge)
+            else:
+                async for events in self._batches(stream):
+
+                    async def acknowledge(_messages, events=events) -> None:
+                        for event in events:
+                            await stream.ack(event)
+
+                    await self._batch([event.message for event in events], acknowledge)
         finally:
             await self.offsets.stop()
 
     async def _batches(self, stream):
-        """The stream's events in batches: each batch is every event already delivered, up to
-        KSR_BATCH_SIZE; it waits for nothing more.
+        """With KSR_FAST_DELIVERY=0: the Faust stream's events in batches, each every event already
+        delivered, up to KSR_BATCH_SIZE; it waits for nothing more.
 
         Faust's take_events waits a fixed window for each batch and stops buffering while the agent
         processes one, so the worker sat out the window with thousands of events queued and
         batches of ~100 (README, Speed). Here, under load, a full batch is queued whenever the agent
-        is ready; at a low rate an event is processed as soon as it arrives. Events are acknowledged
-        by `_batch`, after their batch.
+        is ready; at a low rate an event is processed as soon as it arrives. The agent acknowledges
+        the events after their batch.
         """
         queue = stream.channel.queue
         size = self.settings.batch_size
@@ -244,16 +278,17 @@ class Worker:
                 yield events
                 events = []
 
-    async def _batch(self, stream, events) -> None:
+    async def _batch(self, messages, acknowledge) -> None:
         # A batch is one unit for the commit: its answers, its state changelog records and its
-        # input offsets all land in the same transaction, or none of them do.
+        # input offsets all land in the same transaction, or none of them do. So the messages are
+        # acknowledged (what Faust's commit counts) under the gate too: a commit between the sends
+        # and the acknowledgement would commit the answers without their offsets.
         try:
             async with self.commit_gate:
-                fresh = await self._admit(events)
+                fresh = await self._admit(messages)
                 if fresh:
                     await self.handle(fresh)
-                for event in events:
-                    await stream.ack(event)
+                await acknowledge(messages)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
@@ -278,45 +313,6 @@ class Worker:
         gc.freeze()
         metrics.GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
         log.info("froze %d start-up objects out of the garbage collector", gc.get_freeze_count())
-
-    def _fast_delivery(self) -> None:
-        """Hand each fetched message to Faust's conductor without four asyncio tasks around it.
-
-        Faust's fetcher delivers every message with ``wait_first(callback(message),
-        suspend_flow.wait())``, which wraps the delivery, the suspend event and the service's
-        stopped and crashed events in four tasks, waits for the first and cancels the rest (its
-        measured cost: README, Speed). When the flow is not suspended this awaits the
-        delivery directly. A delivery that then meets a rebalance is no longer abandoned halfway;
-        it completes, and the stream skips the stale event as it skips any other (the ledger keeps
-        commits exact either way). ``KSR_FAST_DELIVERY=0`` turns it off.
-        """
-        if not self.settings.fast_delivery:
-            return
-        from mode.services import WaitResults
-
-        consumer = self.app.consumer
-        if getattr(consumer, "_ksr_fast_delivery", False):
-            return
-        original = consumer.wait_first
-
-        async def wait_first(*coros, timeout=None):
-            suspend = consumer.suspend_flow
-            if (
-                timeout is None
-                and len(coros) == 2
-                and inspect.iscoroutine(coros[0])
-                and inspect.iscoroutine(coros[1])
-                and coros[1].cr_frame is not None
-                and coros[1].cr_frame.f_locals.get("self") is suspend
-                and not suspend.is_set()
-                and not consumer.should_stop
-            ):
-                coros[1].close()  # the suspend wait, never started
-                return WaitResults([coros[0]], [await coros[0]], False)
-            return await original(*coros, timeout=timeout)
-
-        consumer.wait_first = wait_first
-        consumer._ksr_fast_delivery = True
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress, and commit the partitions'
@@ -421,8 +417,8 @@ class Worker:
             for (transactional_id, offsets), lock in zip(offsets_by_transaction.items(), held)
         ))
 
-    async def _admit(self, events) -> list:
-        """The batch's events this worker has not processed yet, in order; stops on a hole.
+    async def _admit(self, messages) -> list:
+        """The batch's messages this worker has not processed yet, in order; stops on a hole.
 
         Checked against the ledger (worker.ledger): redeliveries are dropped, events from before a
         rebalance are left for their redelivery, and a jump in offsets is checked with the broker.
@@ -431,8 +427,7 @@ class Worker:
         """
         generation = self.app.consumer_generation_id
         fresh = []
-        for event in events:
-            message = event.message
+        for message in messages:
             if message.generation_id != generation:
                 metrics.SKIPPED_EVENTS.labels("old_generation").inc()
                 continue
@@ -452,7 +447,7 @@ class Worker:
                     exit_for_restart("undelivered events", with_traceback=False)
                 metrics.OFFSET_JUMPS.labels("no_records").inc()
             self.ledger.processed(tp, message.offset)
-            fresh.append(event)
+            fresh.append(message)
         return fresh
 
     def _load(self, user_id: str) -> StoredUser | None:
@@ -505,8 +500,9 @@ class Worker:
         finally:
             await consumer.stop()
 
-    async def handle(self, events) -> None:
-        """Process one batch of Faust events (from any of the assigned partitions)."""
+    async def handle(self, messages) -> None:
+        """Process one batch of input messages (Faust ConsumerMessages, from any of the assigned
+        partitions)."""
         if self.pending is not None:
             # Between batches: this batch and all later ones use the new model; users whose state
             # came from an older version are recomputed from their stored history on their next event.
@@ -516,28 +512,26 @@ class Worker:
             log.info("now serving model v%s", self.pending.version)
             self.pending = None
         sources = [
-            Source(e.message.key, e.message.value, e.message.topic, e.message.partition,
-                   e.message.offset, e.message.timestamp)
-            for e in events
+            Source(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
+            for m in messages
         ]
         # One model forward for the whole batch, whichever partitions its events came from.
-        # No current event while loading states: the agent's stream sets it to the batch's last
-        # event, and the RocksDB store would then look every user up in that event's partition only.
+        # No current event while loading states: the RocksDB store would then look every user up
+        # in that event's partition only.
         token = _current_event.set(None)
         try:
             result = self.processor.process(sources, self._load)
         finally:
             _current_event.reset(token)
-        event_of_partition = {e.message.partition: e for e in events}
+        event_of_partition = {m.partition: _PartitionEvent(m) for m in messages}
         await self._ensure_transactions(event_of_partition)
         precision = self.settings.state_precision
         table = self.user_state
         changelog = table.changelog_topic_name
         outgoing: list[tuple[str, int, bytes | None, bytes]] = []
         for partition, event in event_of_partition.items():
-            # The RocksDB store picks its partition from the current event, which is the batch's
-            # last event here: set it to one of the partition's own events (this task's context
-            # variable only), then restore it.
+            # The RocksDB store picks its partition from the current event: set it to one of the
+            # partition's own messages (this task's context variable only), then restore it.
             token = _current_event.set(weakref.ref(event))
             try:
                 for user_id, (user_partition, stored) in result.states.items():
