@@ -131,3 +131,14 @@ def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:
     assert abs(sum(shares.values()) - 1) < 0.01
     assert shares["model step (torch)"] > 0.2, shares  # topk on random matrices dominates
     assert "json" in shares and len(summary["top_functions"]) == 5
+
+
+def test_mean_batch_is_events_over_batches_in_the_middle_of_the_backlog() -> None:
+    from worker.bench import _mean_batch
+
+    # (seen, rss, cpu, loop cpu, time, batch-size sum, batch count): 100 events in 4 batches in the
+    # middle; the first and last samples (outside 10%-90% of 1,000) are left out.
+    samples = [(50, 1, 0, None, 0, 0.0, 0.0), (200, 1, 0, None, 1, 100.0, 10.0),
+               (800, 1, 0, None, 2, 200.0, 14.0), (990, 1, 0, None, 3, 900.0, 15.0)]
+    assert _mean_batch(samples, 1000) == 25.0
+    assert _mean_batch(samples[:2], 1000) is None  # one sample in the middle: no figure

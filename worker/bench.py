@@ -112,9 +112,10 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
     first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
-    CPU seconds, monotonic time) samples taken every 0.5 s (a 20,000-event backlog drains in a few
-    seconds) from the worker's own `process_resident_memory_bytes` and `process_cpu_seconds_total`
-    (when `metrics_url` is given) and /proc.
+    CPU seconds, monotonic time, events in batches, batches) samples taken every 0.5 s (a
+    20,000-event backlog drains in a few seconds) from the worker's own
+    `process_resident_memory_bytes`, `process_cpu_seconds_total` and `ksr_batch_size` (when
+    `metrics_url` is given) and /proc.
     """
     from kafka import KafkaConsumer
 
@@ -123,7 +124,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
     stamps: list[float] = []
     longest = b""
-    samples: list[tuple[int, float, float, float | None, float]] = []
+    samples: list[tuple[int, float, float, float | None, float, float | None, float | None]] = []
     deadline = time.monotonic() + timeout
     next_sample = 0.0
     try:
@@ -135,12 +136,14 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                 if metrics_url and time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + 0.5
                     page = scrape_samples(metrics_url, ("process_resident_memory_bytes",
-                                                        "process_cpu_seconds_total"))
-                    if len(page) == 2:
+                                                        "process_cpu_seconds_total",
+                                                        "ksr_batch_size_sum", "ksr_batch_size_count"))
+                    if len(page) >= 2:
                         samples.append((len(stamps), page["process_resident_memory_bytes"],
                                         page["process_cpu_seconds_total"],
                                         _loop_thread_cpu(process.pid) if process is not None else None,
-                                        time.monotonic()))
+                                        time.monotonic(),
+                                        page.get("ksr_batch_size_sum"), page.get("ksr_batch_size_count")))
                 if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
@@ -242,6 +245,15 @@ def _loop_thread_busy(samples: list[tuple], count: int) -> float | None:
     if len(middle) < 2 or middle[-1][4] == middle[0][4]:
         return None
     return round((middle[-1][3] - middle[0][3]) / (middle[-1][4] - middle[0][4]), 3)
+
+
+def _mean_batch(samples: list[tuple], count: int) -> float | None:
+    """Events per processed batch over the middle 80% of the backlog (from `ksr_batch_size`): the
+    fewer, the more each event pays of a batch's fixed cost."""
+    middle = [sample for sample in _middle(samples, count) if sample[6] is not None]
+    if len(middle) < 2 or middle[-1][6] == middle[0][6]:
+        return None
+    return round((middle[-1][5] - middle[0][5]) / (middle[-1][6] - middle[0][6]), 1)
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:
@@ -386,6 +398,7 @@ def bench_throughput(
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
         "worker_loop_thread_busy": _loop_thread_busy(samples, events),
+        "worker_mean_batch": _mean_batch(samples, events),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
         # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
         # the delivery to the reader. raw_pipe_*: the same events at the same rate through an
