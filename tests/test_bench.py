@@ -45,6 +45,7 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
     assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None
     assert "worker_loop_thread_busy" in figures
+    assert figures["worker_mean_batch"] is None or 1 <= figures["worker_mean_batch"] <= 256  # KSR_BATCH_SIZE
 
 
 @pytest.mark.broker
