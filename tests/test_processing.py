@@ -94,6 +94,39 @@ def test_batches_answer_as_one_event_at_a_time(recommender: Recommender) -> None
         assert stored.history.tolist() == histories[user]
 
 
+@torch.no_grad()
+def test_the_seen_filter_and_the_stored_history_keep_the_last_history_length_items(recommender: Recommender) -> None:
+    """With KSR_HISTORY_LENGTH=3, each event excludes the user's last three items (its own
+    included), across batch boundaries, and the stored history is the last three."""
+    items = recommender.item_tokens[1:12]
+    batches = [[_source(i, "a", items[i], f"e{i}") for i in range(5)],
+               [_source(5, "a", items[5], "e5"), _source(6, "a", items[1], "e1"),  # a duplicate
+                _source(7, "a", items[6], "e7")]]
+    processor = BatchProcessor(recommender, top_k=10, history_length=3, answer_duplicates=True)
+    table: dict[str, bytes] = {}
+    answers = []
+    for batch in batches:
+        result = processor.process(batch, lambda u: decode(table[u]) if u in table else None)
+        answers.extend(json.loads(value) for _, _, value in result.recommendations)
+        table.update({u: encode(stored, "float32") for u, (_, stored) in result.states.items()})
+
+    indices = [recommender.item_index[item] for item in items]
+    state, expected, history = recommender.initial_state(1), {}, []
+    for i in (0, 1, 2, 3, 4, 5, 6):
+        history.append(indices[i])
+        state, (rec,) = recommender.advance(state, torch.tensor([indices[i]]), [history[-3:]], k=10)
+        expected[f"e{i if i < 6 else 7}"] = rec.items
+    fresh = [a for a in answers if a["event_id"] != "e1" or a["event_ts"] == 1001.0]
+    assert [a["event_id"] for a in fresh] == ["e0", "e1", "e2", "e3", "e4", "e5", "e7"]
+    for answer in fresh:
+        assert answer["items"] == expected[answer["event_id"]], answer["event_id"]
+    # The duplicate is answered from the stored state with the history as of the event before it.
+    again = next(a for a in answers if a["event_id"] == "e1" and a["event_ts"] != 1001.0)
+    seen_then = {items[3], items[4], items[5]}
+    assert not seen_then & set(again["items"])
+    assert decode(table["a"]).history.tolist() == [indices[4], indices[5], indices[6]]
+
+
 @pytest.mark.parametrize("block", [1, 64, 256, 1000, 4096])
 @torch.no_grad()
 def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recommender, monkeypatch, block) -> None:
