@@ -181,6 +181,24 @@ def test_clearing_drops_the_queue_and_frees_the_fetch_loop() -> None:
     assert run(main()) == (True, 0, True)
 
 
+def test_the_queued_events_gauge_follows_the_queue() -> None:
+    from worker import metrics
+
+    async def main():
+        delivery, _, _ = make([])
+        delivery.put([Message(TOPIC, 0, i) for i in range(5)])
+        queued = [metrics.QUEUED_EVENTS._value.get()]
+        batches = delivery.batches(3)
+        await batches.__anext__()
+        queued.append(metrics.QUEUED_EVENTS._value.get())
+        delivery.clear()
+        queued.append(metrics.QUEUED_EVENTS._value.get())
+        await batches.aclose()
+        return queued
+
+    assert run(main()) == [5, 2, 0]
+
+
 def test_taken_messages_are_unacknowledged_until_done() -> None:
     async def main():
         delivery, consumer, _ = make([])

@@ -203,6 +203,8 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     # KSR_GC_FREEZE (on by default) collected once and froze the start-up heap, timed like any collection.
     assert samples['ksr_gc_pause_seconds_count{generation="2"}'] >= 1
     assert samples["ksr_gc_frozen_objects"] > 10_000
+    # Direct delivery (the default): everything fetched was handed to the agent and answered.
+    assert samples["ksr_queued_events"] == 0
 
 
 def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:

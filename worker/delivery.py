@@ -33,6 +33,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,7 @@ class DirectDelivery:
                 await self._ready.wait()
             n = min(size, len(queue))
             batch = [queue.popleft() for _ in range(n)]
+            metrics.QUEUED_EVENTS.set(len(queue))
             if len(queue) < self.max_queued:
                 self._room.set()
             yield batch
@@ -86,10 +89,12 @@ class DirectDelivery:
         """Drop what is queued (the app's flow control calls this around a rebalance, as it clears
         Faust's channel queues); those messages are fetched again from the committed offsets."""
         self._queue.clear()
+        metrics.QUEUED_EVENTS.set(0)
         self._room.set()
 
     def put(self, messages: list) -> None:
         self._queue.extend(messages)
+        metrics.QUEUED_EVENTS.set(len(self._queue))
         self._ready.set()
         if len(self._queue) >= self.max_queued:
             self._room.clear()

@@ -32,6 +32,9 @@ COMMIT_SECONDS = Histogram(
     "Offset commit time (under exactly-once: the transactions' commit, partitions side by side)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+QUEUED_EVENTS = Gauge(
+    "ksr_queued_events", "Interaction events fetched and waiting for the agent (direct delivery)"
+)
 MODEL_VERSION = Gauge("ksr_model_version", "Version of the model being served")
 USERS_IN_STATE = Gauge("ksr_users_in_state", "Users with state in this worker's partitions (estimate)")
 RECOMPUTED_USERS = Counter("ksr_recomputed_users", "Users whose state was recomputed after a model swap")
