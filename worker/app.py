@@ -523,15 +523,16 @@ class Worker:
             result = self.processor.process(sources, self._load)
         finally:
             _current_event.reset(token)
-        event_of_partition = {m.partition: _PartitionEvent(m) for m in messages}
-        await self._ensure_transactions(event_of_partition)
+        message_of_partition = {m.partition: m for m in messages}
+        await self._ensure_transactions(message_of_partition)
         precision = self.settings.state_precision
         table = self.user_state
         changelog = table.changelog_topic_name
         outgoing: list[tuple[str, int, bytes | None, bytes]] = []
-        for partition, event in event_of_partition.items():
+        for partition, message in message_of_partition.items():
             # The RocksDB store picks its partition from the current event: set it to one of the
             # partition's own messages (this task's context variable only), then restore it.
+            event = _PartitionEvent(message)
             token = _current_event.set(weakref.ref(event))
             try:
                 for user_id, (user_partition, stored) in result.states.items():

@@ -51,7 +51,6 @@ class DirectDelivery:
         self._ready = asyncio.Event()  # something is queued
         self._room = asyncio.Event()  # fewer than max_queued are queued
         self._room.set()
-        self.installed = False
 
     # -- the agent's side ----------------------------------------------------------------------
 
@@ -113,7 +112,6 @@ class DirectDelivery:
         consumer._drain_messages = self._drain
         consumer._ksr_direct_delivery = self
         self.app.flow_control.manage_queue(self)
-        self.installed = True
 
     async def _drain(self, fetcher) -> None:
         """Faust's Consumer._drain_messages (faust-streaming 0.15.3), with this topic's messages
