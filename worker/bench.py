@@ -227,33 +227,39 @@ def _middle(samples: list[tuple], count: int) -> list[tuple]:
     return [sample for sample in samples if 0.1 * count <= sample[0] <= 0.9 * count]
 
 
+def _middle_rate(samples: list[tuple], count: int, numerator: int, denominator: int) -> float | None:
+    """Over the middle 80% of the backlog, how much sample field `numerator` changed per change of
+    field `denominator` (samples missing either are left out); None without two such samples or
+    without a change in the denominator."""
+    middle = [sample for sample in _middle(samples, count)
+              if sample[numerator] is not None and sample[denominator] is not None]
+    if len(middle) < 2 or middle[-1][denominator] == middle[0][denominator]:
+        return None
+    first, last = middle[0], middle[-1]
+    return (last[numerator] - first[numerator]) / (last[denominator] - first[denominator])
+
+
 def _cpu_per_event(samples: list[tuple], count: int) -> float | None:
     """The worker's CPU seconds (all its threads) per output over the middle 80% of the backlog,
     in milliseconds: what the worker spends per event, a figure a busy machine disturbs far less
     than a rate."""
-    middle = _middle(samples, count)
-    if len(middle) < 2 or middle[-1][0] == middle[0][0]:
-        return None
-    return round((middle[-1][2] - middle[0][2]) / (middle[-1][0] - middle[0][0]) * 1000, 4)
+    seconds = _middle_rate(samples, count, 2, 0)
+    return None if seconds is None else round(seconds * 1000, 4)
 
 
 def _loop_thread_busy(samples: list[tuple], count: int) -> float | None:
     """The share of wall time the worker's event-loop thread spent on a CPU over the middle 80% of
     the backlog: near 1, the loop is the bottleneck (a profile's "idle" share then includes waiting
     for the interpreter lock, not spare capacity)."""
-    middle = [sample for sample in _middle(samples, count) if sample[3] is not None]
-    if len(middle) < 2 or middle[-1][4] == middle[0][4]:
-        return None
-    return round((middle[-1][3] - middle[0][3]) / (middle[-1][4] - middle[0][4]), 3)
+    share = _middle_rate(samples, count, 3, 4)
+    return None if share is None else round(share, 3)
 
 
 def _mean_batch(samples: list[tuple], count: int) -> float | None:
     """Events per processed batch over the middle 80% of the backlog (from `ksr_batch_size`): the
     fewer, the more each event pays of a batch's fixed cost."""
-    middle = [sample for sample in _middle(samples, count) if sample[6] is not None]
-    if len(middle) < 2 or middle[-1][6] == middle[0][6]:
-        return None
-    return round((middle[-1][5] - middle[0][5]) / (middle[-1][6] - middle[0][6]), 1)
+    events = _middle_rate(samples, count, 5, 6)
+    return None if events is None else round(events, 1)
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:
