@@ -199,6 +199,8 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     assert samples["ksr_recommendations_total"] >= REPLAYED
     # The stream runs exactly-once (the default): its answers became visible through commits.
     assert samples["ksr_commit_seconds_count"] >= 1
+    # ... some of them as soon as the agent caught up (KSR_COMMIT_WHEN_IDLE), counted among them.
+    assert 1 <= samples["ksr_idle_commits_total"] <= samples["ksr_commit_seconds_count"]
     assert samples["ksr_event_to_recommendation_seconds_count"] >= REPLAYED
     # KSR_GC_FREEZE (on by default) collected once and froze the start-up heap, timed like any collection.
     assert samples['ksr_gc_pause_seconds_count{generation="2"}'] >= 1
@@ -225,6 +227,61 @@ def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, 
     for message in answers:
         assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
         assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
+
+
+def committed_count(bootstrap: str, topic: str, seconds: float) -> int:
+    """How many messages of `topic` a read_committed consumer reads in `seconds`."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, isolation_level="read_committed")
+    count = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            count += sum(len(records) for records in consumer.poll(timeout_ms=500).values())
+    finally:
+        consumer.close()
+    return count
+
+
+def test_exactly_once_answers_commit_when_the_worker_catches_up(tmp_path, bootstrap, small_checkpoint) -> None:
+    """Under exactly-once an answer reaches read_committed consumers when its transaction commits.
+    With the commit timer at 10 minutes, the answers still arrive, because the worker commits as
+    soon as it has nothing left to process (KSR_COMMIT_WHEN_IDLE, the default). With that off,
+    the same processed answers stay invisible until the timer (or the stop's commit)."""
+    count = 200
+    slow_timer = {"KSR_COMMIT_INTERVAL_MS": "600000", "KSR_PROCESSING_GUARANTEE": "exactly_once"}
+
+    for fast_delivery in ("1", "0"):  # direct delivery (the default), and Faust's stream
+        env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_FAST_DELIVERY=fast_delivery, **slow_timer)
+        worker = WorkerProcess(env, tmp_path / f"idle-{fast_delivery}.log").start()
+        try:
+            replay(env, count)
+            answers = decode(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=120, worker=worker))
+        finally:
+            worker.stop()
+        assert "Traceback" not in worker.log()
+        assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
+
+    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_COMMIT_WHEN_IDLE="0", **slow_timer)
+    worker = WorkerProcess(env, tmp_path / "timer.log").start()
+    try:
+        replay(env, count)
+        deadline = time.monotonic() + 120
+        processed = 0.0
+        while processed < count:
+            assert time.monotonic() < deadline and worker.alive(), worker.log()[-3000:]
+            time.sleep(0.5)
+            try:
+                processed = scrape(worker.metrics_url).get('ksr_events_total{outcome="ok"}', 0.0)
+            except OSError:
+                continue  # the metrics endpoint is not up yet
+        assert committed_count(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], seconds=5) == 0
+    finally:
+        worker.stop()
+    # The stop commits what was processed.
+    assert len(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=60)) == count
 
 
 def test_restarted_worker_continues_each_user_from_their_state(tmp_path, bootstrap, small_checkpoint) -> None:

@@ -85,6 +85,7 @@ class Settings:
     max_event_bytes: int
     processing_guarantee: str
     commit_interval_s: float
+    commit_when_idle: bool
     session_timeout_s: float
     state_precision: str
     kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
@@ -118,6 +119,7 @@ class Settings:
                 "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")
             ),
             commit_interval_s=_positive_float("KSR_COMMIT_INTERVAL_MS", 100.0) / 1000,
+            commit_when_idle=_choice("KSR_COMMIT_WHEN_IDLE", "1", ("0", "1")) == "1",
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             kafka_security=kafka_security_from_env(),

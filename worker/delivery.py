@@ -68,6 +68,11 @@ class DirectDelivery:
                 self._room.set()
             yield batch
 
+    @property
+    def queued(self) -> int:
+        """Messages fetched and waiting for the agent."""
+        return len(self._queue)
+
     def take(self, messages: list) -> None:
         """The agent starts on `messages`: a revocation now waits for their acknowledgement."""
         self.app.consumer._unacked_messages.update(messages)

@@ -32,6 +32,10 @@ COMMIT_SECONDS = Histogram(
     "Offset commit time (under exactly-once: the transactions' commit, partitions side by side)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+IDLE_COMMITS = Counter(
+    "ksr_idle_commits",
+    "Commits made because the agent caught up, ahead of the commit timer (exactly-once, KSR_COMMIT_WHEN_IDLE)",
+)
 QUEUED_EVENTS = Gauge(
     "ksr_queued_events", "Interaction events fetched and waiting for the agent (direct delivery)"
 )

@@ -1,0 +1,117 @@
+"""Exactly-once commits off the timer (KSR_COMMIT_WHEN_IDLE): the commit loop on a stand-in
+consumer, and its setting. The broker test is in test_worker.py
+(test_exactly_once_answers_commit_when_the_worker_catches_up)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.config import ConfigError, Settings
+
+
+class StandInConsumer:
+    """Faust's Consumer.commit contract: one commit at a time; a call during a commit waits for
+    it and returns False without committing."""
+
+    def __init__(self, commit_seconds: float) -> None:
+        self.commit_seconds = commit_seconds
+        self.commits: list[tuple[float, float]] = []  # (start, end), loop time
+        self._commit_fut: asyncio.Future | None = None
+
+    async def maybe_wait_for_commit_to_finish(self) -> bool:
+        if self._commit_fut is not None:
+            await self._commit_fut
+            return True
+        return False
+
+    async def commit(self) -> bool:
+        if await self.maybe_wait_for_commit_to_finish():
+            return False
+        loop = asyncio.get_running_loop()
+        self._commit_fut = loop.create_future()
+        start = loop.time()
+        try:
+            await asyncio.sleep(self.commit_seconds)
+            self.commits.append((start, loop.time()))
+            return True
+        finally:
+            fut, self._commit_fut = self._commit_fut, None
+            fut.set_result(None)
+
+
+def idle_loop(consumer: StandInConsumer):
+    """Worker._commit_when_idle bound to a stand-in worker holding `consumer`."""
+    from worker.app import Worker
+
+    class App:
+        pass
+
+    class StandInWorker:
+        app = App()
+
+    StandInWorker.app.consumer = consumer
+    return lambda caught_up: Worker._commit_when_idle(StandInWorker(), caught_up)
+
+
+def test_the_agent_catching_up_starts_a_commit() -> None:
+    async def run() -> StandInConsumer:
+        consumer = StandInConsumer(commit_seconds=0.01)
+        caught_up = asyncio.Event()
+        task = asyncio.create_task(idle_loop(consumer)(caught_up))
+        await asyncio.sleep(0.05)
+        assert consumer.commits == []  # nothing until the agent says it caught up
+        caught_up.set()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return consumer
+
+    assert len(asyncio.run(run()).commits) == 1
+
+
+def test_a_commit_under_way_is_followed_by_a_new_one() -> None:
+    """The commit under way may have taken its offsets before the agent's last batch: the loop
+    waits for it and starts another, instead of returning with the batch uncommitted."""
+
+    async def run() -> StandInConsumer:
+        consumer = StandInConsumer(commit_seconds=0.05)
+        caught_up = asyncio.Event()
+        timer = asyncio.create_task(consumer.commit())  # the timer's commit, under way
+        await asyncio.sleep(0.01)
+        task = asyncio.create_task(idle_loop(consumer)(caught_up))
+        caught_up.set()
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await timer
+        return consumer
+
+    commits = asyncio.run(run()).commits
+    assert len(commits) == 2
+    assert commits[1][0] >= commits[0][1]  # the second began after the first ended
+
+
+def test_stopping_the_loop_never_cancels_a_commit_half_done() -> None:
+    async def run() -> StandInConsumer:
+        consumer = StandInConsumer(commit_seconds=0.05)
+        caught_up = asyncio.Event()
+        task = asyncio.create_task(idle_loop(consumer)(caught_up))
+        caught_up.set()
+        await asyncio.sleep(0.01)  # the commit is under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        return consumer
+
+    assert len(asyncio.run(run()).commits) == 1
+
+
+def test_commit_when_idle_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KSR_COMMIT_WHEN_IDLE", raising=False)
+    assert Settings.from_env().commit_when_idle is True
+    monkeypatch.setenv("KSR_COMMIT_WHEN_IDLE", "0")
+    assert Settings.from_env().commit_when_idle is False
+    monkeypatch.setenv("KSR_COMMIT_WHEN_IDLE", "sometimes")
+    with pytest.raises(ConfigError, match="KSR_COMMIT_WHEN_IDLE"):
+        Settings.from_env()
