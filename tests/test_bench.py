@@ -45,6 +45,8 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
     assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None
     assert "worker_loop_thread_busy" in figures
+    agent = figures["worker_agent_ms_per_event"]  # None when the backlog drained between two samples
+    assert agent is None or (agent["process"] > 0 and agent["send"] > 0), agent
     assert figures["worker_mean_batch"] is None or 1 <= figures["worker_mean_batch"] <= 256  # KSR_BATCH_SIZE
 
 
@@ -143,3 +145,18 @@ def test_mean_batch_is_events_over_batches_in_the_middle_of_the_backlog() -> Non
                (800, 1, 0, None, 2, 200.0, 14.0), (990, 1, 0, None, 3, 900.0, 15.0)]
     assert _mean_batch(samples, 1000) == 25.0
     assert _mean_batch(samples[:2], 1000) is None  # one sample in the middle: no figure
+
+
+def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_middle() -> None:
+    from worker.bench import AGENT_PHASES, _agent_ms_per_event
+
+    def phases(process: float, send: float) -> dict:
+        return {phase: 0.0 for phase in AGENT_PHASES} | {"process": process, "send": send}
+
+    # 600 events between the two middle samples: 0.3 s of processing, 0.06 s of sending.
+    samples = [(50, 1, 0, None, 0, 0.0, 0.0, phases(0.0, 0.0)), (200, 1, 0, None, 1, 0.0, 0.0, phases(0.1, 0.02)),
+               (800, 1, 0, None, 2, 0.0, 0.0, phases(0.4, 0.08)), (990, 1, 0, None, 3, 0.0, 0.0, phases(0.9, 0.1))]
+    figures = _agent_ms_per_event(samples, 1000)
+    assert figures["process"] == pytest.approx(0.5) and figures["send"] == pytest.approx(0.1)
+    assert figures["idle"] == 0.0 and set(figures) == set(AGENT_PHASES)
+    assert _agent_ms_per_event(samples[:2], 1000) is None

@@ -205,6 +205,9 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     # KSR_GC_FREEZE (on by default) collected once and froze the start-up heap, timed like any collection.
     assert samples['ksr_gc_pause_seconds_count{generation="2"}'] >= 1
     assert samples["ksr_gc_frozen_objects"] > 10_000
+    # The agent's time by phase: it processed, sent, and waited for events.
+    for phase in ("process", "send", "idle", "admit", "other"):
+        assert samples[f'ksr_agent_seconds_total{{phase="{phase}"}}'] > 0, phase
     # Direct delivery (the default): everything fetched was handed to the agent and answered.
     assert samples["ksr_queued_events"] == 0
 

@@ -227,6 +227,7 @@ class Worker:
             if settings.fast_delivery else None
         )
         self.commit_gate = asyncio.Lock()
+        self._handled_seconds = 0.0  # this batch's process + send time, booked by handle
         # Under exactly-once: per input partition's transactional id, the changelog batches sent in
         # its open transaction (future, record count), for the table's persisted offset at its commit.
         self.changelog_sends: dict[str, list[tuple[asyncio.Future, int]]] = {}
@@ -249,20 +250,28 @@ class Worker:
                 async def acknowledge(messages) -> None:
                     delivery.done(messages)
 
+                idle = metrics.AGENT_SECONDS.labels("idle")
+                waiting = time.perf_counter()
                 async for messages in delivery.batches(self.settings.batch_size):
+                    idle.inc(time.perf_counter() - waiting)
                     delivery.take(messages)
                     await self._batch(messages, acknowledge)
+                    waiting = time.perf_counter()
                     if not delivery.queued or 2 * len(messages) <= self.settings.batch_size:  # _commit_when_idle
                         caught_up.set()
             else:
                 queue = stream.channel.queue
+                idle = metrics.AGENT_SECONDS.labels("idle")
+                waiting = time.perf_counter()
                 async for events in self._batches(stream):
+                    idle.inc(time.perf_counter() - waiting)
 
                     async def acknowledge(_messages, events=events) -> None:
                         for event in events:
                             await stream.ack(event)
 
                     await self._batch([event.message for event in events], acknowledge)
+                    waiting = time.perf_counter()
                     if queue.empty() or 2 * len(events) <= self.settings.batch_size:
                         caught_up.set()
         finally:
@@ -323,12 +332,20 @@ class Worker:
         # input offsets all land in the same transaction, or none of them do. So the messages are
         # acknowledged (what Faust's commit counts) under the gate too: a commit between the sends
         # and the acknowledgement would commit the answers without their offsets.
+        phase = metrics.AGENT_SECONDS.labels
         try:
+            started = time.perf_counter()
             async with self.commit_gate:
+                admitting = time.perf_counter()
+                phase("gate").inc(admitting - started)
                 fresh = await self._admit(messages)
+                handling = time.perf_counter()
+                phase("admit").inc(handling - admitting)
                 if fresh:
                     await self.handle(fresh)
                 await acknowledge(messages)
+                phase("other").inc(time.perf_counter() - handling - self._handled_seconds)
+                self._handled_seconds = 0.0
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
@@ -559,10 +576,13 @@ class Worker:
         # No current event while loading states: the RocksDB store would then look every user up
         # in that event's partition only.
         token = _current_event.set(None)
+        started = time.perf_counter()
         try:
             result = self.processor.process(sources, self._load)
         finally:
             _current_event.reset(token)
+        processed = time.perf_counter() - started
+        metrics.AGENT_SECONDS.labels("process").inc(processed)
         message_of_partition = {m.partition: m for m in messages}
         await self._ensure_transactions(message_of_partition)
         precision = self.settings.state_precision
@@ -586,7 +606,14 @@ class Worker:
         outgoing.extend((topic, partition, key, value) for partition, key, value in result.recommendations)
         topic = self.settings.dlq_topic
         outgoing.extend((topic, partition, key, value) for partition, key, value, _ in result.dead_letters)
-        for sent_topic, partition, future, count in await self._send_batches(outgoing):
+        started = time.perf_counter()
+        sent, commit_wait = await self._send_batches(outgoing)
+        sending = time.perf_counter() - started
+        metrics.AGENT_SECONDS.labels("send_commit_wait").inc(commit_wait)
+        metrics.AGENT_SECONDS.labels("send").inc(sending - commit_wait)
+        # Counted above: _batch books the rest of the batch's time as "other".
+        self._handled_seconds = processed + sending
+        for sent_topic, partition, future, count in sent:
             if sent_topic != changelog:
                 continue
             if self.app.in_transaction:
@@ -682,8 +709,9 @@ class Worker:
 
         messages: (topic, partition, key, value) in order; `partition` is both the destination
         partition and the input partition whose transaction the record belongs to.
-        Returns (topic, partition, future, count) per producer batch; each future resolves to the
-        batch's base offset once the broker has it.
+        Returns (topic, partition, future, count) per producer batch, each future resolving to the
+        batch's base offset once the broker has it; and the seconds spent waiting for transaction
+        locks (a partition's commit under way).
 
         Every record of the worker's output (its answer, the user's changelog record, a dead letter)
         goes here, not through Faust's topic.send, for two reasons:
@@ -703,6 +731,7 @@ class Worker:
         producer = self.app.producer
         transactional = self.app.in_transaction
         sent = []
+        lock_wait = 0.0
         for (topic, partition), records in groups.items():
             if transactional:
                 transactional_id = self._transactional_id(partition)
@@ -712,7 +741,9 @@ class Worker:
                 lock = self._transaction_lock(transactional_id)
             else:
                 client, lock = producer._ensure_producer(), contextlib.nullcontext()
+            waiting = time.perf_counter()
             async with lock:
+                lock_wait += time.perf_counter() - waiting
                 batch, count = client.create_batch(), 0
                 for key, value in records:
                     if batch.append(key=key, value=value, timestamp=None) is None:  # full
@@ -723,7 +754,7 @@ class Worker:
                     count += 1
                 batch.close()
                 sent.append((topic, partition, await client.send_batch(batch, topic, partition=partition), count))
-        return sent
+        return sent, lock_wait
 
     async def _release_free_memory(self) -> None:
         """Give memory freed inside the C heap back to the system (glibc's malloc_trim).

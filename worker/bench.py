@@ -107,12 +107,22 @@ async def _raw_pipe(
     return count / elapsed, cpu / count * 1000
 
 
+# The agent's time by phase (worker.metrics.AGENT_SECONDS), as named on the metrics page; and
+# process_model, the part of `process` in the model's forward and the ranking (ksr_model_step_seconds).
+AGENT_PHASES = {
+    **{phase: f'ksr_agent_seconds_total{{phase="{phase}"}}'
+       for phase in ("process", "send", "send_commit_wait", "admit", "gate", "other", "idle")},
+    "process_model": "ksr_model_step_seconds_sum",
+}
+
+
 def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None, metrics_url=None):
     """Read `count` committed messages of `topic` from the start.
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
     first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
-    CPU seconds, monotonic time, events in batches, batches) samples taken every 0.5 s (a
+    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds}) samples taken
+    every 0.5 s (a
     20,000-event backlog drains in a few seconds) from the worker's own
     `process_resident_memory_bytes`, `process_cpu_seconds_total` and `ksr_batch_size` (when
     `metrics_url` is given) and /proc.
@@ -137,13 +147,15 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                     next_sample = time.monotonic() + 0.5
                     page = scrape_samples(metrics_url, ("process_resident_memory_bytes",
                                                         "process_cpu_seconds_total",
-                                                        "ksr_batch_size_sum", "ksr_batch_size_count"))
+                                                        "ksr_batch_size_sum", "ksr_batch_size_count",
+                                                        *AGENT_PHASES.values()))
                     if len(page) >= 2:
                         samples.append((len(stamps), page["process_resident_memory_bytes"],
                                         page["process_cpu_seconds_total"],
                                         _loop_thread_cpu(process.pid) if process is not None else None,
                                         time.monotonic(),
-                                        page.get("ksr_batch_size_sum"), page.get("ksr_batch_size_count")))
+                                        page.get("ksr_batch_size_sum"), page.get("ksr_batch_size_count"),
+                                        {phase: page.get(name) for phase, name in AGENT_PHASES.items()}))
                 if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
@@ -260,6 +272,19 @@ def _mean_batch(samples: list[tuple], count: int) -> float | None:
     fewer, the more each event pays of a batch's fixed cost."""
     events = _middle_rate(samples, count, 5, 6)
     return None if events is None else round(events, 1)
+
+
+def _agent_ms_per_event(samples: list[tuple], count: int) -> dict[str, float] | None:
+    """The agent's wall time per event by phase (`ksr_agent_seconds`) over the middle 80% of the
+    backlog, in milliseconds: where the event-loop thread's time goes, read from the worker's own
+    counters (no profiler, no slowdown)."""
+    middle = [sample for sample in _middle(samples, count) if len(sample) > 7]
+    if len(middle) < 2 or middle[-1][0] == middle[0][0]:
+        return None
+    first, last = middle[0], middle[-1]
+    events = last[0] - first[0]
+    return {phase: round((last[7][phase] - first[7][phase]) / events * 1000, 4)
+            for phase in AGENT_PHASES if last[7][phase] is not None and first[7][phase] is not None}
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:
@@ -405,6 +430,8 @@ def bench_throughput(
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
         "worker_loop_thread_busy": _loop_thread_busy(samples, events),
         "worker_mean_batch": _mean_batch(samples, events),
+        # The agent's wall time per event by phase over the same stretch (ksr_agent_seconds).
+        "worker_agent_ms_per_event": _agent_ms_per_event(samples, events),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
         # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
         # the delivery to the reader. raw_pipe_*: the same events at the same rate through an

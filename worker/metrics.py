@@ -32,6 +32,14 @@ COMMIT_SECONDS = Histogram(
     "Offset commit time (under exactly-once: the transactions' commit, partitions side by side)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+AGENT_SECONDS = Counter(
+    "ksr_agent_seconds",
+    "The agent's wall time by phase: waiting for events (idle), for the commit gate (gate), admitting "
+    "them (admit), processing them: validation, states, model, ranking, encoding (process), sending "
+    "the batch's records (send), waiting to send into a committing transaction (send_commit_wait), "
+    "the rest: table writes, transactions, acknowledgements (other)",
+    ["phase"],
+)
 IDLE_COMMITS = Counter(
     "ksr_idle_commits",
     "Commits made because the agent caught up, ahead of the commit timer (exactly-once, KSR_COMMIT_WHEN_IDLE)",
