@@ -212,20 +212,28 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     assert samples["ksr_queued_events"] == 0
 
 
+def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, timeout: float) -> list[dict]:
+    """Start a worker, replay the first `count` ml-100k events, and return the `count` answers a
+    read_committed consumer gets within `timeout` s (one per event, checked); the worker is stopped
+    and must not have logged a traceback."""
+    worker = WorkerProcess(env, log).start()
+    try:
+        replay(env, count)
+        answers = decode(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=timeout, worker=worker))
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log()
+    assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
+    return answers
+
+
 def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:
     """KSR_FAST_DELIVERY=0: Faust's stream delivers the events one at a time, instead of whole
     fetches handed to the agent (worker.delivery, the default the other tests run). The same
     events get the same recommendations."""
     count = 400
     env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", KSR_FAST_DELIVERY="0")
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
-    try:
-        replay(env, count)
-        answers = decode(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=180, worker=worker))
-    finally:
-        worker.stop()
-    assert "Traceback" not in worker.log()
-    assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
+    answers = answers_of_a_fresh_worker(env, tmp_path / "worker.log", bootstrap, count, timeout=180)
     direct = {m["event_id"]: m for m in replayed}
     for message in answers:
         assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
@@ -258,14 +266,7 @@ def test_exactly_once_answers_commit_when_the_worker_catches_up(tmp_path, bootst
 
     for fast_delivery in ("1", "0"):  # direct delivery (the default), and Faust's stream
         env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_FAST_DELIVERY=fast_delivery, **slow_timer)
-        worker = WorkerProcess(env, tmp_path / f"idle-{fast_delivery}.log").start()
-        try:
-            replay(env, count)
-            answers = decode(consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], count, timeout=120, worker=worker))
-        finally:
-            worker.stop()
-        assert "Traceback" not in worker.log()
-        assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
+        answers_of_a_fresh_worker(env, tmp_path / f"idle-{fast_delivery}.log", bootstrap, count, timeout=120)
 
     env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_COMMIT_WHEN_IDLE="0", **slow_timer)
     worker = WorkerProcess(env, tmp_path / "timer.log").start()
