@@ -227,7 +227,6 @@ class Worker:
             if settings.fast_delivery else None
         )
         self.commit_gate = asyncio.Lock()
-        self._handled_seconds = 0.0  # this batch's process + send time, booked by handle
         # Under exactly-once: per input partition's transactional id, the changelog batches sent in
         # its open transaction (future, record count), for the table's persisted offset at its commit.
         self.changelog_sends: dict[str, list[tuple[asyncio.Future, int]]] = {}
@@ -242,38 +241,20 @@ class Worker:
         idle_commits = None
         if self.app.in_transaction and self.settings.commit_when_idle:
             idle_commits = asyncio.create_task(self._commit_when_idle(caught_up), name="ksr-commit-when-idle")
+        if self.delivery is not None:
+            # Direct delivery (worker.delivery): the agent's Faust stream stays empty.
+            batches, remaining = self._direct_batches(), lambda: self.delivery.queued
+        else:
+            batches, remaining = self._batches(stream), stream.channel.queue.qsize
         try:
-            if self.delivery is not None:
-                # Direct delivery (worker.delivery): the agent's Faust stream stays empty.
-                delivery = self.delivery
-
-                async def acknowledge(messages) -> None:
-                    delivery.done(messages)
-
-                idle = metrics.AGENT_SECONDS.labels("idle")
+            idle = metrics.AGENT_PHASE["idle"]
+            waiting = time.perf_counter()
+            async for messages, acknowledge in batches:
+                idle.inc(time.perf_counter() - waiting)
+                await self._batch(messages, acknowledge)
                 waiting = time.perf_counter()
-                async for messages in delivery.batches(self.settings.batch_size):
-                    idle.inc(time.perf_counter() - waiting)
-                    delivery.take(messages)
-                    await self._batch(messages, acknowledge)
-                    waiting = time.perf_counter()
-                    if not delivery.queued or 2 * len(messages) <= self.settings.batch_size:  # _commit_when_idle
-                        caught_up.set()
-            else:
-                queue = stream.channel.queue
-                idle = metrics.AGENT_SECONDS.labels("idle")
-                waiting = time.perf_counter()
-                async for events in self._batches(stream):
-                    idle.inc(time.perf_counter() - waiting)
-
-                    async def acknowledge(_messages, events=events) -> None:
-                        for event in events:
-                            await stream.ack(event)
-
-                    await self._batch([event.message for event in events], acknowledge)
-                    waiting = time.perf_counter()
-                    if queue.empty() or 2 * len(events) <= self.settings.batch_size:
-                        caught_up.set()
+                if not remaining() or 2 * len(messages) <= self.settings.batch_size:  # see _commit_when_idle
+                    caught_up.set()
         finally:
             if idle_commits is not None:
                 idle_commits.cancel()
@@ -289,9 +270,9 @@ class Worker:
         events arrive during every batch, so the queue is seldom empty, but the batches stay
         small. The worker then commits at once, and again as soon as that commit ends if the
         agent still keeps up. Under saturation batches are full and the queue is not empty, the
-        timer alone commits, and the rate pays nothing. Commits never overlap (Faust's `commit` waits for one under
-        way); a commit under way may have chosen its offsets before the last batch, so the next
-        one starts when it ends. KSR_COMMIT_WHEN_IDLE=0 leaves the timer alone.
+        timer alone commits, and the rate pays nothing. Commits never overlap (Faust's `commit`
+        waits for one under way); a commit under way may have chosen its offsets before the last
+        batch, so the next one starts when it ends. KSR_COMMIT_WHEN_IDLE=0 leaves the timer alone.
         """
         consumer = self.app.consumer
         while True:
@@ -308,9 +289,21 @@ class Worker:
             except Exception:  # noqa: BLE001  (as in _agent: a commit that failed restarts the worker)
                 exit_for_restart("commit failed")
 
+    async def _direct_batches(self):
+        """Direct delivery's batches (worker.delivery), as (messages, acknowledge) pairs."""
+        delivery = self.delivery
+
+        async def acknowledge(messages) -> None:
+            delivery.done(messages)
+
+        async for messages in delivery.batches(self.settings.batch_size):
+            delivery.take(messages)
+            yield messages, acknowledge
+
     async def _batches(self, stream):
         """With KSR_FAST_DELIVERY=0: the Faust stream's events in batches, each every event already
-        delivered, up to KSR_BATCH_SIZE; it waits for nothing more.
+        delivered, up to KSR_BATCH_SIZE; it waits for nothing more. Yields (messages, acknowledge)
+        pairs, as _direct_batches does.
 
         Faust's take_events waits a fixed window for each batch and stops buffering while the agent
         processes one, so the worker sat out the window with thousands of events queued and
@@ -324,7 +317,12 @@ class Worker:
         async for event in stream.noack().events():
             events.append(event)
             if len(events) >= size or queue.empty():
-                yield events
+
+                async def acknowledge(_messages, events=events) -> None:
+                    for event in events:
+                        await stream.ack(event)
+
+                yield [event.message for event in events], acknowledge
                 events = []
 
     async def _batch(self, messages, acknowledge) -> None:
@@ -332,20 +330,18 @@ class Worker:
         # input offsets all land in the same transaction, or none of them do. So the messages are
         # acknowledged (what Faust's commit counts) under the gate too: a commit between the sends
         # and the acknowledgement would commit the answers without their offsets.
-        phase = metrics.AGENT_SECONDS.labels
+        phase = metrics.AGENT_PHASE
         try:
             started = time.perf_counter()
             async with self.commit_gate:
                 admitting = time.perf_counter()
-                phase("gate").inc(admitting - started)
+                phase["gate"].inc(admitting - started)
                 fresh = await self._admit(messages)
                 handling = time.perf_counter()
-                phase("admit").inc(handling - admitting)
-                if fresh:
-                    await self.handle(fresh)
+                phase["admit"].inc(handling - admitting)
+                booked = await self.handle(fresh) if fresh else 0.0
                 await acknowledge(messages)
-                phase("other").inc(time.perf_counter() - handling - self._handled_seconds)
-                self._handled_seconds = 0.0
+                phase["other"].inc(time.perf_counter() - handling - booked)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001  (crash-only: any failure restarts; logged there)
@@ -557,9 +553,9 @@ class Worker:
         finally:
             await consumer.stop()
 
-    async def handle(self, messages) -> None:
+    async def handle(self, messages) -> float:
         """Process one batch of input messages (Faust ConsumerMessages, from any of the assigned
-        partitions)."""
+        partitions). Returns the seconds it booked to the agent's process and send phases."""
         if self.pending is not None:
             # Between batches: this batch and all later ones use the new model; users whose state
             # came from an older version are recomputed from their stored history on their next event.
@@ -582,7 +578,7 @@ class Worker:
         finally:
             _current_event.reset(token)
         processed = time.perf_counter() - started
-        metrics.AGENT_SECONDS.labels("process").inc(processed)
+        metrics.AGENT_PHASE["process"].inc(processed)
         message_of_partition = {m.partition: m for m in messages}
         await self._ensure_transactions(message_of_partition)
         precision = self.settings.state_precision
@@ -609,10 +605,8 @@ class Worker:
         started = time.perf_counter()
         sent, commit_wait = await self._send_batches(outgoing)
         sending = time.perf_counter() - started
-        metrics.AGENT_SECONDS.labels("send_commit_wait").inc(commit_wait)
-        metrics.AGENT_SECONDS.labels("send").inc(sending - commit_wait)
-        # Counted above: _batch books the rest of the batch's time as "other".
-        self._handled_seconds = processed + sending
+        metrics.AGENT_PHASE["send_commit_wait"].inc(commit_wait)
+        metrics.AGENT_PHASE["send"].inc(sending - commit_wait)
         for sent_topic, partition, future, count in sent:
             if sent_topic != changelog:
                 continue
@@ -631,6 +625,7 @@ class Worker:
         metrics.RECOMPUTED_USERS.inc(result.recomputed_users)
         for latency in result.latencies:
             metrics.LATENCY_SECONDS.observe(latency)
+        return processed + sending  # _batch books the rest of the batch's time as "other"
 
     def _changelog_persisted(self, tp: TP, count: int):
         """At-least-once: a done-callback for a batch of `count` changelog records that records the

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
+from worker.metrics import AGENT_PHASE
 from worker.replay import paced_async
 
 
@@ -110,8 +111,7 @@ async def _raw_pipe(
 # The agent's time by phase (worker.metrics.AGENT_SECONDS), as named on the metrics page; and
 # process_model, the part of `process` in the model's forward and the ranking (ksr_model_step_seconds).
 AGENT_PHASES = {
-    **{phase: f'ksr_agent_seconds_total{{phase="{phase}"}}'
-       for phase in ("process", "send", "send_commit_wait", "admit", "gate", "other", "idle")},
+    **{phase: f'ksr_agent_seconds_total{{phase="{phase}"}}' for phase in AGENT_PHASE},
     "process_model": "ksr_model_step_seconds_sum",
 }
 
@@ -121,11 +121,10 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
     first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
-    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds}) samples taken
-    every 0.5 s (a
-    20,000-event backlog drains in a few seconds) from the worker's own
-    `process_resident_memory_bytes`, `process_cpu_seconds_total` and `ksr_batch_size` (when
-    `metrics_url` is given) and /proc.
+    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds}) samples
+    taken every 0.5 s (a 20,000-event backlog drains in a few seconds) from the worker's own
+    `process_resident_memory_bytes`, `process_cpu_seconds_total`, `ksr_batch_size` and
+    `ksr_agent_seconds` (when `metrics_url` is given) and /proc.
     """
     from kafka import KafkaConsumer
 
@@ -134,7 +133,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
     stamps: list[float] = []
     longest = b""
-    samples: list[tuple[int, float, float, float | None, float, float | None, float | None]] = []
+    samples: list[tuple[int, float, float, float | None, float, float | None, float | None, dict]] = []
     deadline = time.monotonic() + timeout
     next_sample = 0.0
     try:
@@ -278,13 +277,12 @@ def _agent_ms_per_event(samples: list[tuple], count: int) -> dict[str, float] | 
     """The agent's wall time per event by phase (`ksr_agent_seconds`) over the middle 80% of the
     backlog, in milliseconds: where the event-loop thread's time goes, read from the worker's own
     counters (no profiler, no slowdown)."""
-    middle = [sample for sample in _middle(samples, count) if len(sample) > 7]
-    if len(middle) < 2 or middle[-1][0] == middle[0][0]:
-        return None
-    first, last = middle[0], middle[-1]
-    events = last[0] - first[0]
-    return {phase: round((last[7][phase] - first[7][phase]) / events * 1000, 4)
-            for phase in AGENT_PHASES if last[7][phase] is not None and first[7][phase] is not None}
+    figures = {}
+    for phase in AGENT_PHASES:
+        seconds = _middle_rate([(sample[0], sample[7][phase]) for sample in samples], count, 1, 0)
+        if seconds is not None:
+            figures[phase] = round(seconds * 1000, 4)
+    return figures or None
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:

@@ -40,6 +40,9 @@ AGENT_SECONDS = Counter(
     "the rest: table writes, transactions, acknowledgements (other)",
     ["phase"],
 )
+# One child per phase, made here so that every phase is on the page (at 0) from the start.
+AGENT_PHASE = {phase: AGENT_SECONDS.labels(phase)
+               for phase in ("process", "send", "send_commit_wait", "admit", "gate", "other", "idle")}
 IDLE_COMMITS = Counter(
     "ksr_idle_commits",
     "Commits made because the agent caught up, ahead of the commit timer (exactly-once, KSR_COMMIT_WHEN_IDLE)",
