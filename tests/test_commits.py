@@ -43,16 +43,12 @@ class StandInConsumer:
 
 def idle_loop(consumer: StandInConsumer):
     """Worker._commit_when_idle bound to a stand-in worker holding `consumer`."""
+    from types import SimpleNamespace
+
     from worker.app import Worker
 
-    class App:
-        pass
-
-    class StandInWorker:
-        app = App()
-
-    StandInWorker.app.consumer = consumer
-    return lambda caught_up: Worker._commit_when_idle(StandInWorker(), caught_up)
+    worker = SimpleNamespace(app=SimpleNamespace(consumer=consumer))
+    return lambda caught_up: Worker._commit_when_idle(worker, caught_up)
 
 
 def test_the_agent_catching_up_starts_a_commit() -> None:
