@@ -21,6 +21,25 @@ def test_bench_step_prints_its_figures() -> None:
     assert figures["speedup_vs_recompute"] > 0
 
 
+def test_bench_batches_cuts_the_same_events_both_ways(small_checkpoint) -> None:
+    result = subprocess.run(
+        [*KSR, "bench", "batches", "--checkpoint", str(small_checkpoint), "--events", "3000", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+    )
+    figures = json.loads(result.stdout)
+    assert figures["events"] == 3000 and figures["partitions"] == 4 and figures["batch_size"] == 256
+    fetch_order, shares = figures["fetch_order"], figures["partition_shares"]
+    for cut in (fetch_order, shares):
+        assert cut["ms_per_event"] > cut["model_ms_per_event"] > 0
+        assert len(cut["ms_per_event_per_round"]) == 3
+        assert cut["batches"] == 12  # ceil(3000 / 256): both cuts fill their batches
+    # The same events in the same batch count, so the cut decides the recurrence's length: with
+    # four partitions' shares a batch holds more users with fewer events each (ml-100k's sessions).
+    assert shares["users_per_batch"] > fetch_order["users_per_batch"]
+    assert shares["steps_per_event"] < fetch_order["steps_per_event"]
+    assert figures["speedup"] > 0
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> None:
@@ -48,6 +67,9 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     agent = figures["worker_agent_ms_per_event"]  # None when the backlog drained between two samples
     assert agent is None or (agent["process"] > 0 and agent["send"] > 0), agent
     assert figures["worker_mean_batch"] is None or 1 <= figures["worker_mean_batch"] <= 256  # KSR_BATCH_SIZE
+    # At least one step per batch, at most one per event.
+    steps = figures["worker_model_steps_per_event"]
+    assert steps is None or 1 / 256 <= steps <= 1, steps
 
 
 @pytest.mark.broker

@@ -121,6 +121,44 @@ def test_the_topic_goes_to_the_queue_in_order_and_every_other_topic_to_fausts_ca
     assert consumer._read_offset[(TOPIC, 0)] == 1 and consumer._read_offset[("changelog", 0)] == 8
 
 
+def test_a_batch_takes_a_share_of_every_partition_queued_each_in_its_order() -> None:
+    # One fetch returns partition by partition: 8 messages of partition 0, then 2 of 1, 1 of 2.
+    fetch = [Message(TOPIC, 0, i) for i in range(8)] + [Message(TOPIC, 1, i) for i in range(2)]
+    fetch.append(Message(TOPIC, 2, 0))
+
+    async def main():
+        delivery, consumer, fetcher = make([fetch])
+        await consumer._drain_messages(fetcher)
+        return await take(delivery, 6, 11)
+
+    batches = run(main())
+    # A third of the batch for each: 2, 2 and the 1 there is, then the rest from partition 0.
+    assert [repr(m) for m in batches[0]] == [
+        "interactions-0@0", "interactions-0@1", "interactions-1@0", "interactions-1@1",
+        "interactions-2@0", "interactions-0@2",
+    ]
+    assert [repr(m) for m in batches[1]] == [f"interactions-0@{i}" for i in range(3, 8)]
+    delivered = [m for batch in batches for m in batch]
+    for partition in range(3):  # every message once, each partition's in order
+        offsets = [m.offset for m in delivered if m.partition == partition]
+        assert offsets == list(range(len(offsets)))
+    assert len(delivered) == 11
+
+
+def test_the_partition_that_goes_first_takes_turns() -> None:
+    async def main():
+        delivery, _, _ = make([])
+        delivery.put([Message(TOPIC, p, i) for p in range(3) for i in range(4)])
+        batches = delivery.batches(2)  # fewer than the partitions: one message from each of two
+        firsts = [(await batches.__anext__())[0].partition for _ in range(3)]
+        await batches.aclose()
+        return firsts, delivery.queued
+
+    firsts, queued = run(main())
+    assert sorted(firsts) == [0, 1, 2]
+    assert queued == 12 - 6
+
+
 def test_offsets_below_the_read_offset_are_dropped_and_holes_are_recorded_as_gaps() -> None:
     fetches = [
         [Message(TOPIC, 0, 5)],
@@ -143,7 +181,7 @@ def test_nothing_is_queued_while_flow_is_suspended() -> None:
         delivery.app.flow_control.suspend()
         drain = asyncio.ensure_future(consumer._drain_messages(fetcher))
         await asyncio.sleep(0.05)
-        held = len(delivery._queue)
+        held = delivery.queued
         delivery.app.flow_control.resume()  # also clears the queues it manages: nothing lost here
         await drain
         return held, [m.offset for batch in await take(delivery, 10, 1) for m in batch]
@@ -160,7 +198,7 @@ def test_a_full_queue_stops_the_fetch_loop_until_the_agent_takes_a_batch() -> No
         delivery, consumer, fetcher = make(fetches, max_queued=2)
         drain = asyncio.ensure_future(consumer._drain_messages(fetcher))
         await asyncio.sleep(0.05)
-        stalled = (len(delivery._queue), len(consumer.fetches), drain.done())
+        stalled = (delivery.queued, len(consumer.fetches), drain.done())
         batches = await take(delivery, 1, 6)
         await drain
         return stalled, [m.offset for batch in batches for m in batch]
@@ -176,7 +214,7 @@ def test_clearing_drops_the_queue_and_frees_the_fetch_loop() -> None:
         delivery.put([Message(TOPIC, 0, 0), Message(TOPIC, 0, 1)])
         full = not delivery._room.is_set()
         delivery.app.flow_control.clear()  # what Faust does to its channel queues at a revocation
-        return full, len(delivery._queue), delivery._room.is_set()
+        return full, delivery.queued, delivery._room.is_set()
 
     assert run(main()) == (True, 0, True)
 

@@ -210,6 +210,8 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
         assert samples[f'ksr_agent_seconds_total{{phase="{phase}"}}'] > 0, phase
     # Direct delivery (the default): everything fetched was handed to the agent and answered.
     assert samples["ksr_queued_events"] == 0
+    # The recurrence ran, at most one step per event (a batch of only bad events runs none).
+    assert 1 <= samples["ksr_model_steps_total"] <= samples["ksr_batch_size_sum"]
 
 
 def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, timeout: float) -> list[dict]:

@@ -618,6 +618,7 @@ class Worker:
             metrics.DEAD_LETTERS.labels(reason).inc()
         metrics.BATCH_SIZE.observe(len(sources))
         metrics.STEP_SECONDS.observe(result.step_seconds)
+        metrics.MODEL_STEPS.inc(result.rounds)
         metrics.EVENTS.labels("ok").inc(len(result.recommendations) - result.answered_duplicates)
         metrics.EVENTS.labels("dead_letter").inc(len(result.dead_letters))
         metrics.EVENTS.labels("duplicate").inc(result.duplicates)

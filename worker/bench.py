@@ -147,14 +147,15 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                     page = scrape_samples(metrics_url, ("process_resident_memory_bytes",
                                                         "process_cpu_seconds_total",
                                                         "ksr_batch_size_sum", "ksr_batch_size_count",
-                                                        *AGENT_PHASES.values()))
+                                                        "ksr_model_steps_total", *AGENT_PHASES.values()))
                     if len(page) >= 2:
                         samples.append((len(stamps), page["process_resident_memory_bytes"],
                                         page["process_cpu_seconds_total"],
                                         _loop_thread_cpu(process.pid) if process is not None else None,
                                         time.monotonic(),
                                         page.get("ksr_batch_size_sum"), page.get("ksr_batch_size_count"),
-                                        {phase: page.get(name) for phase, name in AGENT_PHASES.items()}))
+                                        {**{phase: page.get(name) for phase, name in AGENT_PHASES.items()},
+                                         "model_steps": page.get("ksr_model_steps_total")}))
                 if len(stamps) >= count:
                     break
             if process is not None and process.poll() is not None:
@@ -283,6 +284,13 @@ def _agent_ms_per_event(samples: list[tuple], count: int) -> dict[str, float] | 
         if seconds is not None:
             figures[phase] = round(seconds * 1000, 4)
     return figures or None
+
+
+def _model_steps_per_event(samples: list[tuple], count: int) -> float | None:
+    """Sequential model steps per event over the middle 80% of the backlog (`ksr_model_steps`):
+    how long the recurrence ran for each batch's events, which depends on how batches are cut."""
+    steps = _middle_rate([(sample[0], sample[7].get("model_steps")) for sample in samples], count, 1, 0)
+    return None if steps is None else round(steps, 4)
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:
@@ -428,6 +436,7 @@ def bench_throughput(
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
         "worker_loop_thread_busy": _loop_thread_busy(samples, events),
         "worker_mean_batch": _mean_batch(samples, events),
+        "worker_model_steps_per_event": _model_steps_per_event(samples, events),
         # The agent's wall time per event by phase over the same stretch (ksr_agent_seconds).
         "worker_agent_ms_per_event": _agent_ms_per_event(samples, events),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->

@@ -152,6 +152,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_throughput(checkpoint=args.checkpoint, events=args.events, data=args.data,
                                   timeout=args.timeout, profile=args.profile, latency_rate=args.latency_rate,
                                   latency_events=args.latency_events)
+    elif args.bench == "batches":
+        from worker.bench_batches import bench_batches
+        from worker.config import Settings
+
+        result = bench_batches(checkpoint=str(args.checkpoint or Settings.from_env().checkpoint), data=args.data,
+                               events=args.events, partitions=args.partitions, batch_size=args.batch_size)
     elif args.bench == "faults":
         from worker import broker, faults
         from worker.config import Settings
@@ -268,13 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures")
-    p.add_argument("bench", choices=["step", "throughput", "faults"])
-    p.add_argument("--events", type=int, default=20000, help="throughput: backlog size")
+    p.add_argument("bench", choices=["step", "throughput", "batches", "faults"])
+    p.add_argument("--events", type=int, default=20000, help="throughput: backlog size; batches: events run")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
     p.add_argument("--items", type=int, default=1682,
                    help="step: catalog size of the random KSR timed when no --checkpoint is given")
-    p.add_argument("--data", default="ml-100k", help="throughput: events from ml-100k or a data folder "
+    p.add_argument("--data", default="ml-100k", help="throughput, batches: events from ml-100k or a data folder "
                    "(e.g. from `ksr data synth`; the checkpoint must be trained on its catalog)")
     p.add_argument("--timeout", type=float, default=600.0, help="throughput: seconds allowed per phase")
     p.add_argument("--latency-rate", type=float, default=None,
@@ -282,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "saturated rate); a fixed rate compares builds whose saturated rates differ")
     p.add_argument("--latency-events", type=int, default=3000,
                    help="throughput: events in the latency phase (at most ~30 s of them)")
+    p.add_argument("--partitions", type=int, default=4, help="batches: partitions the events are keyed over")
+    p.add_argument("--batch-size", type=int, default=256, help="batches: events per batch (KSR_BATCH_SIZE)")
     p.add_argument("--profile", default=None, help="throughput: cProfile the worker into this file and "
                    "summarise it in the output (profiling slows the worker down)")
     p.add_argument("--json", action="store_true")

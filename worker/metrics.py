@@ -15,6 +15,10 @@ FINETUNE_SECONDS = Histogram(
     "ksr_finetune_round_seconds", "Duration of a fine-tune round",
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+MODEL_STEPS = Counter(
+    "ksr_model_steps",
+    "Sequential model steps: per batch, the most events any one user had in it (the recurrence's length)",
+)
 BATCH_SIZE = Histogram(
     "ksr_batch_size", "Events per processed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
