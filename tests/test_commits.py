@@ -111,3 +111,70 @@ def test_commit_when_idle_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("KSR_COMMIT_WHEN_IDLE", "sometimes")
     with pytest.raises(ConfigError, match="KSR_COMMIT_WHEN_IDLE"):
         Settings.from_env()
+
+
+def gated(force_commit, timeout: float):
+    """Worker._gate_commits applied to a stand-in at-least-once consumer whose force_commit is
+    `force_commit`; returns the gated force_commit."""
+    from types import SimpleNamespace
+
+    from worker.app import Worker
+
+    consumer = SimpleNamespace(force_commit=force_commit, _commit_offsets=None)
+    worker = SimpleNamespace(app=SimpleNamespace(consumer=consumer, in_transaction=False),
+                             commit_gate=asyncio.Lock(), settings=SimpleNamespace(commit_timeout_s=timeout))
+    Worker._gate_commits(worker)
+    return consumer.force_commit
+
+
+def test_a_commit_that_never_ends_restarts_the_worker_with_every_tasks_stack(monkeypatch, caplog) -> None:
+    """Faust's commits wait for the one under way, so a commit that hangs stops every later one:
+    under exactly-once no answer becomes visible while the worker looks alive. After
+    KSR_COMMIT_TIMEOUT_S the worker logs where its tasks wait and exits for its supervisor."""
+    from worker import app
+
+    restarts = []
+    monkeypatch.setattr(app, "exit_for_restart", lambda what, with_traceback=True: restarts.append(what))
+
+    async def hangs(*args, **kwargs):
+        await asyncio.Event().wait()
+
+    async def run() -> None:
+        commit = asyncio.create_task(gated(hangs, timeout=0.1)(), name="the-stuck-commit")
+        await asyncio.sleep(0.3)
+        commit.cancel()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(run())
+    assert restarts == ["commit stuck"]
+    assert "has not ended in 0.1 s (KSR_COMMIT_TIMEOUT_S)" in caplog.text
+    # The stuck task's chain down to the innermost coroutine and what it waits for.
+    assert "the-stuck-commit" in caplog.text and " in hangs" in caplog.text and "  awaiting <" in caplog.text
+
+
+def test_commits_that_end_in_time_leave_the_worker_alone(monkeypatch) -> None:
+    from worker import app
+
+    restarts = []
+    monkeypatch.setattr(app, "exit_for_restart", lambda what, with_traceback=True: restarts.append(what))
+
+    async def quick(*args, **kwargs):
+        await asyncio.sleep(0.01)
+        return True
+
+    async def run() -> list:
+        force_commit = gated(quick, timeout=0.1)
+        results = [await force_commit() for _ in range(5)]
+        await asyncio.sleep(0.2)  # past the timeout of every one of them
+        return results
+
+    assert asyncio.run(run()) == [True] * 5
+    assert restarts == []
+
+
+def test_the_commit_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KSR_COMMIT_TIMEOUT_S", raising=False)
+    assert Settings.from_env().commit_timeout_s == 120.0
+    monkeypatch.setenv("KSR_COMMIT_TIMEOUT_S", "0")
+    with pytest.raises(ConfigError, match="KSR_COMMIT_TIMEOUT_S"):
+        Settings.from_env()

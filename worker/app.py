@@ -390,8 +390,17 @@ class Worker:
         force_commit = consumer.force_commit
         gate = self.commit_gate
 
+        timeout = self.settings.commit_timeout_s
+
         async def gated_force_commit(*args, **kwargs):
-            await gate.acquire()
+            # A commit that never ends stops every later one (Faust's commits wait for it), so the
+            # answers of exactly-once never become visible while the worker looks alive.
+            stuck = asyncio.get_running_loop().call_later(timeout, commit_stuck, timeout)
+            try:
+                await gate.acquire()
+            except BaseException:
+                stuck.cancel()
+                raise
             hold = _GateHold(gate)
             token = _commit_gate_hold.set(hold)  # seen by _commit_transactions, called in this task
             started = time.perf_counter()
@@ -403,6 +412,7 @@ class Worker:
                 # A failed commit leaves the transactions in an unknown state.
                 exit_for_restart("commit failed")
             finally:
+                stuck.cancel()
                 _commit_gate_hold.reset(token)
                 hold.release()
             if committed:
@@ -908,6 +918,30 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
 
 CLEAN_SHUTDOWN = "clean-shutdown"
 EXIT_RESTART = 70  # the Faust child asks its supervisor for a restart
+
+
+def commit_stuck(timeout: float) -> None:
+    """A commit has not ended in KSR_COMMIT_TIMEOUT_S: log where every task of the worker waits,
+    then restart (the open transactions are aborted and their events processed again)."""
+    log.error("a commit has not ended in %g s (KSR_COMMIT_TIMEOUT_S); where the worker's tasks wait:\n%s",
+              timeout, "\n".join(_await_chain(task) for task in asyncio.all_tasks()))
+    exit_for_restart("commit stuck", with_traceback=False)
+
+
+def _await_chain(task: asyncio.Task) -> str:
+    """A task and the chain of coroutines it awaits, innermost last (a task's own stack shows only
+    its outermost coroutine)."""
+    lines = [repr(task)]
+    awaited = task.get_coro()
+    for _ in range(64):
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            if awaited is not None:
+                lines.append(f"  awaiting {awaited!r}"[:300])
+            break
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 def exit_for_restart(what: str, with_traceback: bool = True) -> None:
