@@ -197,3 +197,39 @@ def test_a_redelivered_batch_is_never_applied_twice_and_at_least_once_answers_it
         np.testing.assert_allclose(got.hidden, expected.hidden, atol=1e-6)
         np.testing.assert_allclose(got.memory_values, expected.memory_values, atol=1e-6)
         assert got.history.tolist() == expected.history.tolist() and got.events == expected.events
+
+
+@torch.no_grad()
+def test_redelivered_events_beyond_the_recent_ids_and_without_ids_are_applied_once(
+        recommender: Recommender) -> None:
+    """At-least-once redelivers everything after the last commit: for one user in a session that
+    can be more events than the recent ids kept (KSR_RECENT_EVENT_IDS), and events need not carry
+    an id. The last applied event's partition and offset catch every one of them; an event of
+    another partition is compared by id only (a user moves only when the partitions change)."""
+    items = recommender.item_tokens[1:12]
+    events = [_source(i, "a", items[i], f"e{i}" if i % 2 else None) for i in range(8)]
+
+    def run(batches, processor):
+        table: dict[str, bytes] = {}
+        results = []
+        for batch in batches:
+            result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
+            for user_id, (_, stored) in result.states.items():
+                table[user_id] = encode(stored, "float32")
+            results.append(result)
+        return results, decode(table["a"])
+
+    processor = BatchProcessor(recommender, top_k=10, recent_event_ids=2, answer_duplicates=True)
+    # The whole session comes again after the crash, then one new event.
+    results, state = run([events, [*events, _source(8, "a", items[8], "e8")]], processor)
+    assert results[1].duplicates == 8 and results[1].answered_duplicates == 8
+    assert (state.last_partition, state.last_offset) == (0, 8)
+    _, once = run([[*events, _source(8, "a", items[8], "e8")]], BatchProcessor(recommender, top_k=10))
+    assert state.events == once.events == 9 and state.history.tolist() == once.history.tolist()
+    np.testing.assert_allclose(state.hidden, once.hidden, atol=1e-6)
+    np.testing.assert_allclose(state.memory_values, once.memory_values, atol=1e-6)
+
+    # From another partition, a lower offset is a new event (unless its id is a recent one).
+    moved = [_source(0, "a", items[9], "m0", partition=1), _source(1, "a", items[10], "e7", partition=1)]
+    results, state = run([events, moved], BatchProcessor(recommender, top_k=10, recent_event_ids=2))
+    assert results[1].duplicates == 1 and state.events == 9 and (state.last_partition, state.last_offset) == (1, 0)

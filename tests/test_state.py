@@ -82,6 +82,23 @@ def test_corrupt_state_is_reported(blob: bytes, message: str) -> None:
         decode(blob)
 
 
+def test_the_last_events_position_round_trips_and_format_1_still_reads() -> None:
+    import struct
+
+    user = sample_user()
+    assert (decode(encode(user)).last_partition, decode(encode(user)).last_offset) == (-1, -1)
+    user.last_partition, user.last_offset = 3, 2**40 + 5
+    back = decode(encode(user, "int8"))
+    assert (back.last_partition, back.last_offset) == (3, 2**40 + 5)
+    # A state written by format 1 (no position; header "<BBIId5H"): everything else as before.
+    blob = encode(user)
+    v1 = struct.pack("<BBIId5H", 1, *struct.unpack_from("<BIId", blob, 1), *struct.unpack_from("<5H", blob, 30)) + blob[40:]
+    old = decode(v1)
+    assert (old.last_partition, old.last_offset) == (-1, -1)
+    assert np.array_equal(old.hidden, user.hidden) and old.recent_ids == user.recent_ids
+    assert old.history.tolist() == user.history.tolist() and old.events == user.events
+
+
 def test_event_id_hash_is_stable_across_processes() -> None:
     # A fixed value: Python's hash() is salted per process and would break deduplication.
     assert event_id_hash("ml-100k:0") == event_id_hash("ml-100k:0")

@@ -291,8 +291,11 @@ class BatchProcessor:
             self._recompute(users, stale)
             result.recomputed_users += len(stale)
 
-        # Each user's fresh events of this batch, in order. A replayed duplicate (an event id among
-        # the user's recent ids, this batch's earlier events included) is dropped.
+        # Each user's fresh events of this batch, in order. A duplicate is dropped: a redelivered
+        # event (its partition's offset at or below the last one applied to the user: a user's
+        # events come from one partition in offset order, so this holds however many came again)
+        # or a replayed one (an event id among the user's recent ids, this batch's earlier events
+        # included; the same event produced twice has two offsets).
         positions: dict[str, list[int]] = {}  # user -> the indices of its events in `emitted`
         partition_of: dict[str, int] = {}
         emitted: list[tuple[Source, Interaction, int]] = []
@@ -304,17 +307,19 @@ class BatchProcessor:
             source, event, index = entry
             user = users[event.user_id]
             partition_of[event.user_id] = source.partition
-            if event.event_id is not None:
-                hashed = event_id_hash(event.event_id)
-                if hashed in user.recent_ids:
-                    result.duplicates += 1
-                    if self.answer_duplicates:
-                        # The state as stored before this batch, the history as of this event.
-                        again.append(entry)
-                        again_states.append(user)
-                        again_seen.append(user.history)
-                    continue
+            hashed = None if event.event_id is None else event_id_hash(event.event_id)
+            if (source.partition == user.last_partition and source.offset <= user.last_offset) or (
+                    hashed is not None and hashed in user.recent_ids):
+                result.duplicates += 1
+                if self.answer_duplicates:
+                    # The state as stored before this batch, the history as of this event.
+                    again.append(entry)
+                    again_states.append(user)
+                    again_seen.append(user.history)
+                continue
+            if hashed is not None:
                 user.recent_ids = (user.recent_ids + [hashed])[-self.recent_event_ids :]
+            user.last_partition, user.last_offset = source.partition, source.offset
             # np.append makes a new array, so `seen` keeps this event's snapshot.
             user.history = np.append(user.history, np.int32(index))[-self.history_length :]
             user.events += 1

@@ -1,12 +1,14 @@
 """The one place where a user's state is packed into bytes and unpacked again.
 
-Layout (little-endian), format version 1:
+Layout (little-endian), format version 2:
 
-    u8   format version (1)
+    u8   format version (2)
     u8   precision of the float arrays (0 = float32, 1 = float16, 2 = int8)
     u32  model version that produced the GRU state
     u32  events applied so far
     f64  timestamp of the last event
+    i32  input partition of the last event applied, i64 its offset (-1, -1: none; a redelivered
+         event of that partition at or below that offset is in the state already)
     u16  hidden size H, u16 relations A, u16 KB dim D, u16 history length L, u16 recent ids R
     H floats      GRU state h
     A*D floats    memory values v_1..v_A
@@ -26,8 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<BBIId5H")
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<BBIIdiq5H")
+# Format 1 (before the last event's position): the same without the i32 and the i64.
+_HEADER_V1 = struct.Struct("<BBIId5H")
 _PRECISIONS = {"float32": (0, np.float32), "float16": (1, np.float16), "int8": (2, np.int8)}
 _BY_CODE = {code: dtype for code, dtype in _PRECISIONS.values()}
 
@@ -48,6 +52,8 @@ class StoredUser:
     evidence: np.ndarray  # (A,) float32 0/1
     history: np.ndarray  # (L,) int32, the last item indices, oldest first
     recent_ids: list[int]  # event-id hashes, oldest first
+    last_partition: int = -1  # input partition and offset of the last event applied (-1: none)
+    last_offset: int = -1
 
 
 def event_id_hash(event_id: str) -> int:
@@ -91,8 +97,8 @@ def encode(user: StoredUser, precision: str = "float32") -> bytes:
         memory_bytes = np.ascontiguousarray(memory, dtype=dtype).tobytes()
     hidden_size = np.asarray(user.hidden).shape[0]
     header = _HEADER.pack(
-        FORMAT_VERSION, code, user.model_version, user.events, user.last_ts,
-        hidden_size, relations, kb_dim, len(user.history), len(user.recent_ids),
+        FORMAT_VERSION, code, user.model_version, user.events, user.last_ts, user.last_partition,
+        user.last_offset, hidden_size, relations, kb_dim, len(user.history), len(user.recent_ids),
     )
     evidence = np.packbits(np.asarray(user.evidence) > 0.5, bitorder="little")
     return b"".join((
@@ -107,18 +113,25 @@ def encode(user: StoredUser, precision: str = "float32") -> bytes:
 
 def decode(blob: bytes) -> StoredUser:
     """Unpack bytes written by `encode`; raises StateDecodeError with what was wrong."""
-    if len(blob) < _HEADER.size:
+    version = blob[0] if blob else None
+    header = _HEADER_V1 if version == 1 else _HEADER
+    if len(blob) < header.size:
         raise StateDecodeError(f"user state of {len(blob)} bytes is shorter than its header")
-    version, code, model_version, events, last_ts, h, a, d, n_history, n_recent = _HEADER.unpack_from(blob)
-    if version != FORMAT_VERSION:
-        raise StateDecodeError(f"user state format {version}, this worker reads {FORMAT_VERSION}")
+    if version == 1:  # written before the last event's position was kept: none known
+        version, code, model_version, events, last_ts, h, a, d, n_history, n_recent = header.unpack_from(blob)
+        last_partition = last_offset = -1
+    elif version == FORMAT_VERSION:
+        (version, code, model_version, events, last_ts, last_partition, last_offset,
+         h, a, d, n_history, n_recent) = header.unpack_from(blob)
+    else:
+        raise StateDecodeError(f"user state format {version}, this worker reads 1 and {FORMAT_VERSION}")
     if code not in _BY_CODE:
         raise StateDecodeError(f"unknown float precision code {code}")
     dtype = np.dtype(_BY_CODE[code])
     sizes = [*_float_bytes(code, dtype, h, a, d), (a + 7) // 8, 4 * n_history, 8 * n_recent]
-    if len(blob) != _HEADER.size + sum(sizes):
-        raise StateDecodeError(f"user state is {len(blob)} bytes, its header implies {_HEADER.size + sum(sizes)}")
-    offset = _HEADER.size
+    if len(blob) != header.size + sum(sizes):
+        raise StateDecodeError(f"user state is {len(blob)} bytes, its header implies {header.size + sum(sizes)}")
+    offset = header.size
     parts = []
     for size in sizes:
         parts.append(blob[offset : offset + size])
@@ -139,6 +152,8 @@ def decode(blob: bytes) -> StoredUser:
         evidence=evidence.astype(np.float32),
         history=np.frombuffer(parts[3], dtype="<i4").astype(np.int32),
         recent_ids=np.frombuffer(parts[4], dtype="<u8").tolist(),
+        last_partition=last_partition,
+        last_offset=last_offset,
     )
 
 
