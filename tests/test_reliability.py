@@ -36,6 +36,19 @@ def test_at_least_once_worker_killed_mid_stream_loses_no_answer_and_applies_each
     assert result["max_state_diff"] <= 1e-5, result
 
 
+def test_at_least_once_applies_each_redelivered_event_once_beyond_the_recent_ids(
+        bootstrap, small_checkpoint, monkeypatch) -> None:
+    """The same crash keeping one recent event id per user: the kill lands in ml-100k sessions of
+    dozens of events by one user, so a user gets several events again. Recognised by the id alone,
+    all but the last were applied twice (README, Reliability); the last applied offset catches them."""
+    monkeypatch.setenv("KSR_RECENT_EVENT_IDS", "1")
+    result = faults.crash(bootstrap, str(small_checkpoint), events=5000, rate=500, kill_after=4,
+                          guarantee="at_least_once")
+    assert 0 < result["answered_before_kill"] < 5000, "the kill must land mid-stream"
+    assert result["lost"] == 0 and result["answered"] == 5000, result
+    assert result["max_state_diff"] <= 1e-5, result
+
+
 def test_surviving_worker_takes_over_a_killed_workers_users_with_their_state(bootstrap, small_checkpoint) -> None:
     result = faults.scale_out(bootstrap, str(small_checkpoint), events=4000, rate=400, kill_after=5)
     assert result["lost"] == 0 and result["duplicated"] == 0, result
