@@ -153,6 +153,24 @@ def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recomme
     assert int((~finite).sum()) == 10 - 3  # the user who has seen all but 3 items gets only 3
 
 
+def _process(batches, processor: BatchProcessor) -> tuple[list, dict[str, bytes]]:
+    """Run batches through `processor` as the agent does, with an in-memory table of encoded
+    states: the batches' results and the table."""
+    table: dict[str, bytes] = {}
+    results = []
+    for batch in batches:
+        result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
+        for user_id, (_, stored) in result.states.items():
+            table[user_id] = encode(stored, "float32")
+        results.append(result)
+    return results, table
+
+
+def _answers(result) -> dict[str, dict]:
+    """A batch's recommendation messages by event id."""
+    return {json.loads(v)["event_id"]: json.loads(v) for _, _, v in result.recommendations}
+
+
 @pytest.mark.parametrize("answer_duplicates", [False, True])
 @torch.no_grad()
 def test_a_redelivered_batch_is_never_applied_twice_and_at_least_once_answers_it_again(
@@ -166,18 +184,9 @@ def test_a_redelivered_batch_is_never_applied_twice_and_at_least_once_answers_it
     first = [_source(0, "a", items[0], "e0"), _source(1, "a", items[1], "e1"), _source(2, "b", items[2], "e2")]
     again = [*first, _source(3, "a", items[3], "e3")]
 
-    def run(batches, processor):
-        table: dict[str, bytes] = {}
-        results = []
-        for batch in batches:
-            result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
-            for user_id, (_, stored) in result.states.items():
-                table[user_id] = encode(stored, "float32")
-            results.append((result, {json.loads(v)["event_id"]: json.loads(v) for _, _, v in result.recommendations}))
-        return results, table
-
     processor = BatchProcessor(recommender, top_k=10, answer_duplicates=answer_duplicates)
-    [(_, original), (result, answers)], table = run([first, again], processor)
+    [first_result, result], table = _process([first, again], processor)
+    original, answers = _answers(first_result), _answers(result)
     assert result.duplicates == 3 and not result.dead_letters
     if answer_duplicates:
         assert sorted(answers) == ["e0", "e1", "e2", "e3"] and result.answered_duplicates == 3
@@ -191,7 +200,7 @@ def test_a_redelivered_batch_is_never_applied_twice_and_at_least_once_answers_it
         assert sorted(answers) == ["e3"] and result.answered_duplicates == 0
 
     # The states equal a run that saw each event once.
-    [_, _], once = run([first, [again[-1]]], BatchProcessor(recommender, top_k=10))
+    _, once = _process([first, [again[-1]]], BatchProcessor(recommender, top_k=10))
     for user in ("a", "b"):
         got, expected = decode(table[user]), decode(once[user])
         np.testing.assert_allclose(got.hidden, expected.hidden, atol=1e-6)
@@ -210,13 +219,7 @@ def test_redelivered_events_beyond_the_recent_ids_and_without_ids_are_applied_on
     events = [_source(i, "a", items[i], f"e{i}" if i % 2 else None) for i in range(8)]
 
     def run(batches, processor):
-        table: dict[str, bytes] = {}
-        results = []
-        for batch in batches:
-            result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
-            for user_id, (_, stored) in result.states.items():
-                table[user_id] = encode(stored, "float32")
-            results.append(result)
+        results, table = _process(batches, processor)
         return results, decode(table["a"])
 
     processor = BatchProcessor(recommender, top_k=10, recent_event_ids=2, answer_duplicates=True)
