@@ -389,7 +389,6 @@ class Worker:
             return
         force_commit = consumer.force_commit
         gate = self.commit_gate
-
         timeout = self.settings.commit_timeout_s
 
         async def gated_force_commit(*args, **kwargs):
@@ -397,10 +396,12 @@ class Worker:
             # answers of exactly-once never become visible while the worker looks alive.
             stuck = asyncio.get_running_loop().call_later(timeout, commit_stuck, timeout)
             try:
-                await gate.acquire()
-            except BaseException:
+                return await force_commit_under_the_gate(*args, **kwargs)
+            finally:
                 stuck.cancel()
-                raise
+
+        async def force_commit_under_the_gate(*args, **kwargs):
+            await gate.acquire()
             hold = _GateHold(gate)
             token = _commit_gate_hold.set(hold)  # seen by _commit_transactions, called in this task
             started = time.perf_counter()
@@ -412,7 +413,6 @@ class Worker:
                 # A failed commit leaves the transactions in an unknown state.
                 exit_for_restart("commit failed")
             finally:
-                stuck.cancel()
                 _commit_gate_hold.reset(token)
                 hold.release()
             if committed:

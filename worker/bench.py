@@ -121,10 +121,11 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
 
     Returns the produce timestamps (seconds) of the messages, the longest message value among the
     first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
-    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds}) samples
-    taken every 0.5 s (a 20,000-event backlog drains in a few seconds) from the worker's own
-    `process_resident_memory_bytes`, `process_cpu_seconds_total`, `ksr_batch_size` and
-    `ksr_agent_seconds` (when `metrics_url` is given) and /proc.
+    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds, and
+    "model_steps": sequential model steps}) samples taken every 0.5 s (a 20,000-event backlog
+    drains in a few seconds) from the worker's own `process_resident_memory_bytes`,
+    `process_cpu_seconds_total`, `ksr_batch_size`, `ksr_agent_seconds` and `ksr_model_steps` (when
+    `metrics_url` is given) and /proc.
     """
     from kafka import KafkaConsumer
 
