@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,21 @@ class KSR(nn.Module):
         return state
 
     # ----------------------------------------------------------------------------- batch forward
+    def _gru(self, q: Tensor, lengths: Tensor, hidden: Tensor, packed: bool) -> Tensor:
+        """The GRU over right-padded inputs q (B, T, E) from hidden (B, H): outputs (B, T, H).
+
+        `packed` runs only the valid cells (a packed sequence: step t multiplies only the rows still
+        running), for the worker's batches, where a few long sessions pad many short users; padded
+        outputs are then zeros instead of the GRU run on over padding. Training keeps the padded
+        call: its batches group users of similar length.
+        """
+        h0 = hidden.unsqueeze(0).contiguous()
+        if not packed or q.shape[1] <= 1:
+            return self.gru(q, h0)[0]
+        packed_q = pack_padded_sequence(q, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed_q, h0)
+        return pad_packed_sequence(out, batch_first=True, total_length=q.shape[1])[0]
+
     def forward(
         self, items: Tensor, lengths: Tensor, state: UserState | None = None, serving: bool = False
     ) -> tuple[Tensor, Tensor, UserState]:
@@ -263,7 +279,7 @@ class KSR(nn.Module):
             state = self.initial_state(batch)
         q = self.embedding_dropout(self.item_embedding(items))  # (B, T, E)
         # Outputs at valid positions ignore later padding.
-        hiddens, _ = self.gru(q, state.hidden.unsqueeze(0).contiguous())  # (B, T, H)
+        hiddens = self._gru(q, lengths, state.hidden, packed=serving)  # (B, T, H)
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(batch, device=items.device)
         started = (lengths > 0).view(-1, 1)
