@@ -71,7 +71,11 @@ def _preview(value: object, limit: int = 50) -> str:
         return f"<{type(value).__name__}>"
 
 
-def _identifier(value: object, name: str) -> str | Rejection:
+def _identifier(value: object, name: str, unicode_checked: bool = False) -> str | Rejection:
+    """An id as text, or why it cannot be one. `unicode_checked`: a string from orjson, which
+    refuses lone surrogates, so the encoding check is skipped."""
+    if unicode_checked and type(value) is str and 0 < len(value) <= MAX_ID_LENGTH:
+        return value  # the common case, without the checks below
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return Rejection(f"bad_{name}", f"{name} must be a string or integer, got {type(value).__name__}")
     if isinstance(value, int) and value.bit_length() > 4 * MAX_ID_LENGTH:  # far more than 256 digits
@@ -93,6 +97,7 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
         return Rejection("empty", "message has no value")
     if len(raw) > max_bytes:
         return Rejection("oversized", f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    unicode_checked = True  # by orjson
     try:
         try:
             # orjson parses well-formed events several times faster; whatever it refuses (NaN,
@@ -100,6 +105,7 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
             # goes to the standard parser, so the outcome and the reasons stay the same.
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            unicode_checked = False
             payload = json.loads(raw)
     except (ValueError, RecursionError) as error:
         # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of more than
@@ -110,10 +116,10 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
     for name in ("user_id", "item_id", "ts"):
         if name not in payload:
             return Rejection(f"missing_{name}", f"required field {name!r} is missing")
-    user_id = _identifier(payload["user_id"], "user_id")
+    user_id = _identifier(payload["user_id"], "user_id", unicode_checked)
     if isinstance(user_id, Rejection):
         return user_id
-    item_id = _identifier(payload["item_id"], "item_id")
+    item_id = _identifier(payload["item_id"], "item_id", unicode_checked)
     if isinstance(item_id, Rejection):
         return item_id
     ts = payload["ts"]
@@ -125,7 +131,7 @@ def validate(raw: bytes | None, max_bytes: int) -> Interaction | Rejection:
         return Rejection("bad_ts", f"ts must be a finite number of epoch seconds, got {_preview(ts)}")
     event_id = payload.get("event_id")
     if event_id is not None:
-        event_id = _identifier(event_id, "event_id")
+        event_id = _identifier(event_id, "event_id", unicode_checked)
         if isinstance(event_id, Rejection):
             return event_id
     event_type = payload.get("type")
