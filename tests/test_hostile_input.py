@@ -215,6 +215,21 @@ def test_inputs_that_used_to_escape_validate(raw: bytes, reason: str) -> None:
     assert result.detail
 
 
+@pytest.mark.parametrize("parser", ["orjson", "json"])
+def test_id_lengths_at_the_limit_either_parser(parser: str) -> None:
+    """The same bounds whichever parser read the event (NaN in `extra` sends it to json.loads)."""
+    extra = ', "extra": NaN' if parser == "json" else ""
+    for name in ("user_id", "item_id", "event_id"):
+        for length, accepted in ((1, True), (MAX_ID_LENGTH, True), (MAX_ID_LENGTH + 1, False), (0, False)):
+            fields = {"user_id": "u", "item_id": "i", "ts": 1, name: "x" * length}
+            raw = (json.dumps(fields)[:-1] + extra + "}").encode()
+            result = validate(raw, MAX_EVENT_BYTES)
+            if accepted:
+                assert isinstance(result, Interaction) and getattr(result, name) == "x" * length
+            else:
+                assert isinstance(result, Rejection) and result.reason == f"bad_{name}", result
+
+
 def test_bom_and_surrogate_pairs_are_accepted() -> None:
     assert validate(b'\xef\xbb\xbf{"user_id": "1", "item_id": "1", "ts": 1}', 1024) == Interaction("1", "1", 1.0)
     # A proper escaped pair is one astral character, not a lone surrogate.
