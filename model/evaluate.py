@@ -58,6 +58,9 @@ def evaluate_loo_ksr(
     `seen_share` adds test["seen_share@10"]: the share of each user's top 10 at the test position
     (ranked as the protocol ranks: nothing masked) that the user has already consumed. The worker
     never serves those; the protocol counts them as misses, since no ml-100k user rates an item twice.
+    It also adds "test_seen_masked": the test metrics with those items removed from the ranking, as
+    the worker serves (a diagnostic beside the protocol, never a replacement for it; a test item
+    the user had already consumed counts as a miss there).
     """
     was_training = model.training
     model.eval()
@@ -65,6 +68,7 @@ def evaluate_loo_ksr(
     users = sorted(split.evaluated_users(), key=lambda u: len(split.sequences[u]))
     item_vectors = model.item_vectors()
     seen, slots = 0, 0
+    masked = RankingMetrics()
     for start in range(0, len(users), batch_users):
         chunk = [split.sequences[u] for u in users[start : start + batch_users]]
         items, lengths = pad([s[:-1] for s in chunk])
@@ -73,7 +77,7 @@ def evaluate_loo_ksr(
         for metrics, position, target in (
             (valid, lengths - 2, torch.tensor([s[-2] for s in chunk])),
             (test, lengths - 1, torch.tensor([s[-1] for s in chunk])),
-        ):
+        ):  # the loop leaves `scores` and `target` at the test position
             scores = user_vectors[rows, position] @ item_vectors.T
             scores[:, 0] = float("-inf")
             metrics.add(target_ranks(scores, target))
@@ -83,10 +87,12 @@ def evaluate_loo_ksr(
             consumed[rows.repeat_interleave(lengths), items[items > 0]] = True
             seen += int(consumed.gather(1, top).sum())
             slots += top.numel()
+            masked.add(target_ranks(scores.masked_fill(consumed, float("-inf")), target))
     model.train(was_training)
     result = {"valid": valid.result(), "test": test.result()}
     if seen_share:
         result["test"]["seen_share@10"] = seen / max(slots, 1)
+        result["test_seen_masked"] = masked.result()
     return result
 
 
@@ -124,6 +130,8 @@ def evaluate_loo(checkpoint: Checkpoint, dataset: Dataset) -> dict:
     return {
         **result["test"],
         "valid": result["valid"],
+        # Not the protocol: the test ranking without the items each user had consumed, as served.
+        **({"seen_masked": result["test_seen_masked"]} if "test_seen_masked" in result else {}),
         "users": len(split.evaluated_users()),
         "items": dataset.n_items - 1,
         "protocol": "loo",

@@ -347,18 +347,32 @@ def sequence_loss(
     targets: Tensor,
     loss: str = "ce",
     negatives: Tensor | None = None,
+    seen: Tensor | None = None,
+    seen_penalty: float = 0.0,
 ) -> Tensor:
     """Next-item loss at the given positions.
 
     user_vectors (P, O): p after each training position; targets (P,): the item that came next.
     loss "ce": full-catalog softmax cross-entropy (padding item excluded).
     loss "bpr": -log sigmoid(s_pos - s_neg) with negatives (P,) drawn by the caller.
+    seen (P, N) bool, with `seen_penalty` > 0 (CE only): adds seen_penalty * -log(1 - P_seen), where
+    P_seen is the softmax mass on the items the user had consumed by that position. Training only:
+    the model and its scores are unchanged; it teaches them that an item is not consumed twice.
     """
     item_vectors = model.item_vectors()
     if loss == "ce":
         logits = user_vectors @ item_vectors.T  # (P, N)
         logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets)
+        if seen_penalty <= 0:
+            return F.cross_entropy(logits, targets)
+        if seen is None:
+            raise ValueError("the seen-item penalty needs the seen items")
+        log_probs = F.log_softmax(logits, dim=-1)
+        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        log_seen = torch.logsumexp(log_probs.masked_fill(~seen, float("-inf")), dim=-1)  # log P_seen
+        # -log(1 - P_seen), kept finite where the seen items hold (almost) all of the mass.
+        penalty = -torch.log1p(-torch.exp(log_seen).clamp(max=1.0 - 1e-6))
+        return (nll + seen_penalty * penalty).mean()
     if loss == "bpr":
         if negatives is None:
             raise ValueError("BPR needs negatives")

@@ -48,6 +48,9 @@ class TrainConfig:
     # move (trained embeddings kept a 0.96 correlation with their draw): the models before 0.02.
     item_init_std: float | None = 0.02
     ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
+    # > 0: the CE loss also penalises the softmax mass on items the user has already consumed, with
+    # this weight (`sequence_loss`); the model is unchanged, only what training asks of it.
+    seen_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
@@ -55,6 +58,10 @@ class TrainConfig:
             raise ValueError(f"item_init_std must be positive, got {self.item_init_std}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.seen_penalty < 0:
+            raise ValueError(f"seen_penalty must be >= 0, got {self.seen_penalty}")
+        if self.seen_penalty > 0 and self.loss != "ce":
+            raise ValueError("seen_penalty applies to the ce loss only")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -150,6 +157,19 @@ def _batches(sequences: list[np.ndarray], batch_users: int, generator: random.Ra
     return batches
 
 
+def seen_items(items: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, T) right-padded item ids -> (B, T, N) bool: the items consumed at or before each position.
+
+    An item is seen from the first position that holds it on; padding (item 0) is never seen.
+    """
+    batch, steps = items.shape
+    first = torch.full((batch, n_items), steps, dtype=torch.long)
+    positions = torch.arange(steps).expand(batch, steps)
+    first.scatter_reduce_(1, items, positions, reduce="amin")
+    first[:, 0] = steps
+    return first.unsqueeze(1) <= torch.arange(steps).view(1, steps, 1)
+
+
 @torch.no_grad()
 def update_average(averaged: KSR, model: KSR, decay: float) -> None:
     """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter."""
@@ -179,10 +199,13 @@ def train_epoch(
         # Position t's user vector predicts the item at t + 1.
         valid = torch.arange(items.shape[1] - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
         targets = items[:, 1:][valid]
-        negatives = None
+        negatives = seen = None
         if config.loss == "bpr":
             negatives = torch.multinomial(negative_weights, len(targets), replacement=True)
-        loss = sequence_loss(model, user_vectors[valid], targets, config.loss, negatives)
+        if config.seen_penalty > 0:
+            seen = seen_items(items[:, :-1], model.config.n_items)[valid]
+        loss = sequence_loss(model, user_vectors[valid], targets, config.loss, negatives,
+                             seen, config.seen_penalty)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -100,7 +100,8 @@ def test_checkpoints_from_before_the_init_setting_are_retrained_from_the_old_sca
 
 
 def test_seen_share_counts_consumed_items_in_the_unmasked_top_10(toy, monkeypatch) -> None:
-    """Against the definition, one user at a time through the streaming step."""
+    """Against the definition, one user at a time through the streaming step; and the test hits
+    with the consumed items masked, as the worker serves."""
     dataset, root = toy
     monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
     config = KSRConfig(n_items=dataset.n_items, **SMALL)
@@ -108,23 +109,88 @@ def test_seen_share_counts_consumed_items_in_the_unmasked_top_10(toy, monkeypatc
                    config, TransEConfig(dim=8, epochs=2))
     model = checkpoints.load(root / "share").model
     split = evaluate.LeaveOneOut.from_dataset(dataset)
-    seen = slots = 0
+    seen = slots = hits = masked_hits = 0
     with torch.no_grad():
         for user in split.evaluated_users():
-            history = split.sequences[user][:-1]
+            history, target = split.sequences[user][:-1], int(split.sequences[user][-1])
             scores, _ = model.score(model.replay(torch.tensor(history.tolist()).view(1, -1)))
             scores[0, 0] = float("-inf")
             top = scores[0].topk(10).indices.tolist()
             seen += len(set(top) & set(history.tolist()))
             slots += 10
-    share = evaluate.evaluate_loo_ksr(model, split, seen_share=True)["test"]["seen_share@10"]
+            hits += target in top
+            scores[0, torch.tensor(history.tolist())] = float("-inf")
+            masked_hits += target in scores[0].topk(10).indices.tolist() and target not in history.tolist()
+    result = evaluate.evaluate_loo_ksr(model, split, seen_share=True)
+    share = result["test"]["seen_share@10"]
     assert 0 < share < 1
     assert share == pytest.approx(seen / slots)
+    users = len(split.evaluated_users())
+    assert result["test"]["hit@10"] == pytest.approx(hits / users, abs=1e-6)
+    assert result["test_seen_masked"]["hit@10"] == pytest.approx(masked_hits / users, abs=1e-6)
+    assert masked_hits > hits  # the masked list holds more of the unseen targets
+
+
+def test_seen_items_marks_each_item_from_its_first_position_on() -> None:
+    items = torch.tensor([[3, 1, 3, 2], [2, 4, 0, 0]])  # the second row is padded after 2 events
+    seen = training.seen_items(items, 5)
+    expected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    for row in range(2):
+        for t in range(4):
+            for item in items[row, : t + 1].tolist():
+                if item:
+                    expected[row, t, item] = True
+    assert torch.equal(seen, expected)
+    assert not seen[..., 0].any(), "padding is never seen"
+
+
+def test_the_seen_penalty_adds_minus_log_of_the_unseen_mass_to_cross_entropy() -> None:
+    from torch.nn import functional as F
+
+    from model.ksr import KSR, sequence_loss
+
+    torch.manual_seed(0)
+    model = KSR(KSRConfig(n_items=7, n_relations=0, item_dim=4, hidden_dim=4, out_dim=4, memory=False))
+    users = torch.randn(3, 4)
+    targets = torch.tensor([1, 5, 6])
+    seen = torch.zeros(3, 7, dtype=torch.bool)
+    seen[0, [2, 3]] = seen[1, 4] = seen[2, [1, 2, 3, 4]] = True
+    plain = sequence_loss(model, users, targets)
+    with torch.no_grad():
+        logits = users @ model.item_vectors().T
+        logits[:, 0] = float("-inf")
+        probs = F.softmax(logits, dim=-1)
+        unseen = 1 - (probs * seen).sum(-1)
+    for weight in (0.5, 2.0):
+        penalised = sequence_loss(model, users, targets, seen=seen, seen_penalty=weight)
+        torch.testing.assert_close(penalised, plain + weight * -unseen.log().mean())
+    torch.testing.assert_close(sequence_loss(model, users, targets, seen=seen, seen_penalty=0.0), plain)
+    with pytest.raises(ValueError, match="needs the seen items"):
+        sequence_loss(model, users, targets, seen_penalty=1.0)
+
+
+def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) -> None:
+    """Same seed and data: the penalty moves the model's top 10 away from what users consumed."""
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    transe = TransEConfig(dim=8, epochs=2)
+    split = evaluate.LeaveOneOut.from_dataset(dataset)
+    shares = {}
+    for weight in (0.0, 5.0):
+        settings = training.TrainConfig(epochs=8, patience=100, threads=1, batch_users=4, seen_penalty=weight)
+        meta = training.train(dataset, root / f"seen{weight}", settings, config, transe)
+        assert meta["train"]["seen_penalty"] == weight
+        model = checkpoints.load(root / f"seen{weight}").model
+        shares[weight] = evaluate.evaluate_loo_ksr(model, split, seen_share=True)["test"]["seen_share@10"]
+    assert shares[5.0] < shares[0.0]
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--ema", "1"], "ema must be in [0, 1), got 1.0"),
     (["--item-init-std", "0"], "item_init_std must be positive, got 0.0"),
+    (["--seen-penalty", "-1"], "seen_penalty must be >= 0, got -1.0"),
+    (["--seen-penalty", "1", "--loss", "bpr"], "seen_penalty applies to the ce loss only"),
 ])
 def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str], message: str) -> None:
     import subprocess

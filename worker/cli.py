@@ -49,6 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
             lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
+            seen_penalty=args.seen_penalty,
             item_init_std=args.item_init_std,
         )
     except ValueError as error:
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an exponential moving average of the weights (decay per step; 0 = off)")
     p.add_argument("--loss", choices=["ce", "bpr"], default="ce")
+    p.add_argument("--seen-penalty", type=float, default=0.0,
+                   help="ce only: also penalise the probability of items the user already consumed, "
+                        "weight -log(1 - P(seen)) by this (training only; 0 = off)")
     p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--item-dim", type=int, default=64)
