@@ -82,6 +82,23 @@ def test_worker_recovers_from_a_broker_outage_that_begins_during_its_start(boots
     assert result["recovery_s"] is not None, result
 
 
+def test_a_broker_hung_longer_than_the_commit_timeout_restarts_the_worker_and_loses_nothing(
+        bootstrap, small_checkpoint) -> None:
+    """The broker's process is suspended for 45 s: its connections stay open and nothing answers,
+    so the commit under way waits. Past KSR_COMMIT_TIMEOUT_S (here 15 s) the watchdog makes the
+    worker exit for its supervisor. The restarted worker waits for the broker and goes on from the
+    last commit: nothing lost, nothing answered twice."""
+    from worker import broker
+
+    if not broker.is_running():
+        pytest.skip("needs the local broker managed by `ksr broker` (KAFKA_BOOTSTRAP_SERVERS is external)")
+    result = faults.broker_outage(bootstrap, str(small_checkpoint), events=3000, rate=150, outage_s=45,
+                                  stop_after=1.0, freeze=True, KSR_COMMIT_TIMEOUT_S="15")
+    assert result["worker_restarts"] >= 1, result
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["recovery_s"] is not None, result
+
+
 def test_hostile_payloads_are_each_answered_or_dead_lettered(bootstrap, small_checkpoint) -> None:
     result = faults.hostile_input(bootstrap, str(small_checkpoint), payloads=2000)
     assert result["worker_alive_at_end"], result

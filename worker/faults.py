@@ -306,18 +306,38 @@ def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500
 
 
 def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: float = 150.0,
-                  stop_after: float = 4.0, outage_s: float = 30.0, timeout: float = 300.0) -> dict:
-    """Stop the local broker for `outage_s` seconds mid-stream, then start it again."""
+                  stop_after: float = 4.0, outage_s: float = 30.0, timeout: float = 300.0,
+                  freeze: bool = False, **env_extra: str) -> dict:
+    """Stop the local broker for `outage_s` seconds mid-stream, then start it again.
+
+    `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) from
+    `stop_after` seconds after the worker's first answer: a hung broker, whose connections stay open
+    and whose answers never come, so that the requests under way (a commit) wait rather than fail. `env_extra`: worker settings for this run
+    (KSR_COMMIT_TIMEOUT_S, say).
+    """
     from worker import broker
 
-    stream = open_stream("outage", bootstrap, checkpoint, events)
+    stream = open_stream("outage", bootstrap, checkpoint, events, **env_extra)
     worker, collector = stream.worker, stream.collector
     try:
         producer = stream.start_load(bootstrap, rate)
+        if freeze:
+            # Mid-stream, not in the worker's start: a hung broker then stops commits under way.
+            collector.wait_for_answers(1, timeout)
         time.sleep(stop_after)
-        broker.stop()
-        time.sleep(outage_s)
-        broker.start(timeout=120)
+        if freeze:
+            pid = broker._broker_pid()
+            if pid is None:
+                raise RuntimeError("no local broker process to suspend")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(outage_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        else:
+            broker.stop()
+            time.sleep(outage_s)
+            broker.start(timeout=120)
         restarted_at = time.time()
         producer.join()
         collector.wait_for(set(stream.event_ids), timeout)
@@ -325,7 +345,7 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
     finally:
         worker.stop()
         collector.stop()
-    result = {"scenario": "broker_outage", "outage_s": outage_s,
+    result = {"scenario": "broker_outage", "outage_s": outage_s, "freeze": freeze,
               **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, restarted_at),
               "worker_restarts": worker.log().count("restarting the Faust worker"),
