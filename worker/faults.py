@@ -312,8 +312,8 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
 
     `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) from
     `stop_after` seconds after the worker's first answer: a hung broker, whose connections stay open
-    and whose answers never come, so that the requests under way (a commit) wait rather than fail. `env_extra`: worker settings for this run
-    (KSR_COMMIT_TIMEOUT_S, say).
+    and whose answers never come, so that the requests under way (a commit) wait rather than fail.
+    `env_extra`: worker settings for this run (KSR_COMMIT_TIMEOUT_S, say).
     """
     from worker import broker
 
