@@ -779,6 +779,20 @@ def stop() -> None:
     _stop()
 
 
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Suspend the local broker's process for the block (SIGSTOP, then SIGCONT however the block
+    ends): a hung broker, whose connections stay open and whose answers never come. For fault tests."""
+    pid = _broker_pid()
+    if pid is None:
+        raise BrokerError("no local broker process to suspend")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def status() -> tuple[bool, str]:
     """``(running, one-line description)`` of the local broker; running means it accepts connections."""
     vdir = var_dir()

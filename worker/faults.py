@@ -326,14 +326,8 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
             collector.wait_for_answers(1, timeout)
         time.sleep(stop_after)
         if freeze:
-            pid = broker._broker_pid()
-            if pid is None:
-                raise RuntimeError("no local broker process to suspend")
-            os.kill(pid, signal.SIGSTOP)
-            try:
+            with broker.suspended():
                 time.sleep(outage_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
         else:
             broker.stop()
             time.sleep(outage_s)
