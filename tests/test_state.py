@@ -85,6 +85,8 @@ def test_corrupt_state_is_reported(blob: bytes, message: str) -> None:
 def test_the_last_events_position_round_trips_and_format_1_still_reads() -> None:
     import struct
 
+    from worker.state import _HEADER
+
     user = sample_user()
     assert (decode(encode(user)).last_partition, decode(encode(user)).last_offset) == (-1, -1)
     user.last_partition, user.last_offset = 3, 2**40 + 5
@@ -92,7 +94,8 @@ def test_the_last_events_position_round_trips_and_format_1_still_reads() -> None
     assert (back.last_partition, back.last_offset) == (3, 2**40 + 5)
     # A state written by format 1 (no position; header "<BBIId5H"): everything else as before.
     blob = encode(user)
-    v1 = struct.pack("<BBIId5H", 1, *struct.unpack_from("<BIId", blob, 1), *struct.unpack_from("<5H", blob, 30)) + blob[40:]
+    fields = _HEADER.unpack_from(blob)  # version, precision, model, events, ts, partition, offset, 5 sizes
+    v1 = struct.pack("<BBIId5H", 1, *fields[1:5], *fields[7:]) + blob[_HEADER.size :]
     old = decode(v1)
     assert (old.last_partition, old.last_offset) == (-1, -1)
     assert np.array_equal(old.hidden, user.hidden) and old.recent_ids == user.recent_ids
