@@ -178,3 +178,45 @@ def test_the_commit_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KSR_COMMIT_TIMEOUT_S", "0")
     with pytest.raises(ConfigError, match="KSR_COMMIT_TIMEOUT_S"):
         Settings.from_env()
+
+
+def test_transactional_producers_retry_after_the_configured_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KSR_TXN_RETRY_BACKOFF_MS reaches the producers Faust builds for its transactions (the path
+    its begin_transaction takes), and aiokafka's fixed wait after ConcurrentTransactions; at
+    at-least-once nothing changes."""
+    from aiokafka.producer import sender
+
+    from model.bench import _synthetic_recommender
+    from worker.app import Worker
+
+    monkeypatch.setattr(sender, "BACKOFF_OVERRIDE", 0.02)  # restored after the test
+    monkeypatch.delenv("KSR_TXN_RETRY_BACKOFF_MS", raising=False)
+    monkeypatch.setenv("KSR_PROCESSING_GUARANTEE", "at_least_once")
+    worker = Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2)
+    assert asyncio.run(_retry_backoff_of(worker, "t-0")) == 0.1  # aiokafka's default, untouched
+    assert sender.BACKOFF_OVERRIDE == 0.02
+
+    monkeypatch.setenv("KSR_PROCESSING_GUARANTEE", "exactly_once")
+    settings = Settings.from_env()
+    assert settings.txn_retry_backoff_ms == 5
+    worker = Worker(settings, _synthetic_recommender(20, 3), 2)
+    assert asyncio.run(_retry_backoff_of(worker, "t-0")) == 0.005
+    assert sender.BACKOFF_OVERRIDE == 0.005
+
+    monkeypatch.setenv("KSR_TXN_RETRY_BACKOFF_MS", "50")  # never raises aiokafka's 20 ms wait
+    worker = Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2)
+    assert asyncio.run(_retry_backoff_of(worker, "t-0")) == 0.05
+    assert sender.BACKOFF_OVERRIDE == 0.005
+
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv("KSR_TXN_RETRY_BACKOFF_MS", bad)
+        with pytest.raises(ConfigError, match="KSR_TXN_RETRY_BACKOFF_MS must be a positive integer"):
+            Settings.from_env()
+
+
+async def _retry_backoff_of(worker, transactional_id: str) -> float:
+    """The retry wait, in seconds, of a transactional producer built as Faust's
+    begin_transaction builds it (constructed, never started)."""
+    client = worker.app.producer._new_producer(transactional_id=transactional_id)
+    return client._sender._retry_backoff
+

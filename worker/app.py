@@ -23,6 +23,7 @@ import sys
 import time
 import weakref
 
+import aiokafka.producer.sender
 import faust
 from faust.streams import _current_event  # faust-streaming is pinned; see handle
 from faust.types import TP
@@ -188,6 +189,11 @@ class Worker:
             producer_max_batch_size=256 * 1024,
             consumer_max_fetch_size=max(1024 * 1024, 4 * settings.max_event_bytes),
         )
+        if settings.processing_guarantee == "exactly_once":
+            # Wrapped before Faust creates its producer (at start), so before any transaction.
+            new_producer = self.app._new_producer
+            self.app._new_producer = lambda: shorten_transaction_retries(
+                new_producer(), settings.txn_retry_backoff_ms)
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
         self.interactions = self.app.topic(settings.interactions_topic, partitions=partitions, **raw)
         self.recommendations = self.app.topic(settings.recommendations_topic, partitions=partitions, **raw)
@@ -918,6 +924,28 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
 
 CLEAN_SHUTDOWN = "clean-shutdown"
 EXIT_RESTART = 70  # the Faust child asks its supervisor for a restart
+
+
+def shorten_transaction_retries(producer, backoff_ms: int):
+    """Make Faust's producer, and the transactional producers it creates (one per input
+    partition), retry after `backoff_ms` (KSR_TXN_RETRY_BACKOFF_MS) instead of aiokafka's 100 ms
+    and 20 ms. Returns the producer.
+
+    Right after a commit the broker is still writing the transaction's markers for a few
+    milliseconds, and meanwhile it answers the next transaction's AddPartitionsToTxn with
+    ConcurrentTransactions, on which aiokafka waits a fixed 20 ms (`BACKOFF_OVERRIDE`); other
+    retriable answers (seen on TxnOffsetCommit) wait its `retry_backoff_ms`, 100 ms. Under
+    exactly-once the worker commits every few tens of milliseconds, so those waits held answers
+    back, and the agent too when it sent into a partition whose commit was waiting (README,
+    Speed). `retry_backoff_ms` is aiokafka's own producer setting, passed through Faust's
+    per-producer settings hook; the 20 ms is a module constant of aiokafka (pinned), lowered for
+    the process and never raised.
+    """
+    extra = producer._settings_extra
+    producer._settings_extra = lambda: {**extra(), "retry_backoff_ms": backoff_ms}
+    sender = aiokafka.producer.sender
+    sender.BACKOFF_OVERRIDE = min(sender.BACKOFF_OVERRIDE, backoff_ms / 1000)
+    return producer
 
 
 def commit_stuck(timeout: float) -> None:
