@@ -220,3 +220,59 @@ async def _retry_backoff_of(worker, transactional_id: str) -> float:
     client = worker.app.producer._new_producer(transactional_id=transactional_id)
     return client._sender._retry_backoff
 
+
+class StandInRecovery:
+    """What watch_start reads of Faust's Recovery: `completed`, set at the first recovery's end,
+    and the time of the last restored changelog batch."""
+
+    def __init__(self) -> None:
+        self.completed = asyncio.Event()
+        self._last_active_event_processed_at: float | None = None
+
+
+def test_a_start_that_stalls_restarts_the_worker_with_every_tasks_stack(monkeypatch, caplog) -> None:
+    from worker import app
+
+    restarts = []
+    monkeypatch.setattr(app, "exit_for_restart", lambda what, with_traceback=True: restarts.append(what))
+
+    async def run() -> None:
+        await asyncio.wait_for(app.watch_start(StandInRecovery(), timeout=0.2, interval=0.02), 5)
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(run())
+    assert restarts == ["start stuck"]
+    assert "has not started in 0.2 s, with nothing restored meanwhile (KSR_START_TIMEOUT_S)" in caplog.text
+    assert " in watch_start" in caplog.text  # where each task waits
+
+
+def test_a_start_that_ends_or_keeps_restoring_is_left_alone(monkeypatch) -> None:
+    from worker import app
+
+    restarts = []
+    monkeypatch.setattr(app, "exit_for_restart", lambda what, with_traceback=True: restarts.append(what))
+
+    async def run(restore_for: float) -> float:
+        recovery = StandInRecovery()
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.create_task(app.watch_start(recovery, timeout=0.2, interval=0.02))
+        started = loop.time()
+        while loop.time() - started < restore_for:  # a long restore, batch after batch
+            recovery._last_active_event_processed_at = loop.time()
+            await asyncio.sleep(0.05)
+        recovery.completed.set()
+        await asyncio.wait_for(watcher, 5)
+        await asyncio.sleep(0.3)  # nothing fires after the start
+        return loop.time() - started
+
+    assert asyncio.run(run(0.0)) < 1.0
+    assert asyncio.run(run(0.8)) >= 0.8  # four timeouts long, never idle for one
+    assert restarts == []
+
+
+def test_the_start_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KSR_START_TIMEOUT_S", raising=False)
+    assert Settings.from_env().start_timeout_s == 120.0
+    monkeypatch.setenv("KSR_START_TIMEOUT_S", "-1")
+    with pytest.raises(ConfigError, match="KSR_START_TIMEOUT_S must be a positive number"):
+        Settings.from_env()

@@ -82,6 +82,24 @@ def test_worker_recovers_from_a_broker_outage_that_begins_during_its_start(boots
     assert result["recovery_s"] is not None, result
 
 
+def test_a_broker_outage_just_after_the_start_reads_the_changelog_ends_loses_nothing(
+        bootstrap, small_checkpoint) -> None:
+    """The broker is stopped for 90 s the moment the worker's table recovery has read where the
+    changelog ends. Faust's recovery then waited for good, with no error: the worker stayed up,
+    assigned and silent after the broker came back (two runs of two). With nothing restored for
+    KSR_START_TIMEOUT_S (120 s) the worker now logs where its tasks wait and exits, and its
+    supervisor restarts it: every event answered once."""
+    from worker import broker
+
+    if not broker.is_running():
+        pytest.skip("needs the local broker managed by `ksr broker` (KAFKA_BOOTSTRAP_SERVERS is external)")
+    result = faults.broker_outage(bootstrap, str(small_checkpoint), events=600, rate=150, stop_after=0.0,
+                                  outage_s=90, timeout=240,
+                                  stop_when_logged="Highwater for active changelog partitions")
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["recovery_s"] is not None, result
+
+
 def test_a_broker_hung_longer_than_the_commit_timeout_restarts_the_worker_and_loses_nothing(
         bootstrap, small_checkpoint) -> None:
     """The broker's process is suspended for 45 s: its connections stay open and nothing answers,

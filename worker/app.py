@@ -233,12 +233,17 @@ class Worker:
             if settings.fast_delivery else None
         )
         self.commit_gate = asyncio.Lock()
+        self.start_watch: asyncio.Task | None = None
         # Under exactly-once: per input partition's transactional id, the changelog batches sent in
         # its open transaction (future, record count), for the table's persisted offset at its commit.
         self.changelog_sends: dict[str, list[tuple[asyncio.Future, int]]] = {}
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
+        # From the agent's start, which comes before Faust's table recovery: Faust starts the app's
+        # tasks (app.task, app.timer) only once that recovery has completed.
+        if self.start_watch is None:
+            self.start_watch = asyncio.create_task(self._watch_start(), name="ksr-watch-start")
         self._gate_commits()
         if self.delivery is not None:
             self.delivery.install()
@@ -294,6 +299,10 @@ class Worker:
                 raise
             except Exception:  # noqa: BLE001  (as in _agent: a commit that failed restarts the worker)
                 exit_for_restart("commit failed")
+
+    async def _watch_start(self) -> None:
+        """Restart the worker when its start stalls (KSR_START_TIMEOUT_S): see watch_start."""
+        await watch_start(self.app.tables.recovery, self.settings.start_timeout_s)
 
     async def _direct_batches(self):
         """Direct delivery's batches (worker.delivery), as (messages, acknowledge) pairs."""
@@ -946,6 +955,38 @@ def shorten_transaction_retries(producer, backoff_ms: int):
     sender = aiokafka.producer.sender
     sender.BACKOFF_OVERRIDE = min(sender.BACKOFF_OVERRIDE, backoff_ms / 1000)
     return producer
+
+
+async def watch_start(recovery, timeout: float, interval: float = 1.0) -> None:
+    """Exit for a restart when the worker has not finished its start (Faust's first table
+    recovery, up to "Worker ready") and has restored nothing for `timeout` seconds.
+
+    A broker outage that begins in the middle of that recovery can leave Faust waiting for good:
+    a run stopped the broker just after the recovery had read the changelog ends, and the worker
+    stayed up, assigned and silent for four minutes after the broker came back (no error logged).
+    Restoring a large changelog is progress and resets the clock; waiting for the group or the
+    broker is not. Faust's `completed` is set once, at the first recovery's end, so this guards
+    the start only; later rebalances are Faust's as before.
+    """
+    loop = asyncio.get_running_loop()
+    progress, since = None, loop.time()
+    while not recovery.completed.is_set():
+        await asyncio.sleep(interval)
+        restored = getattr(recovery, "_last_active_event_processed_at", None)
+        if restored != progress:
+            progress, since = restored, loop.time()
+        elif loop.time() - since > timeout:
+            start_stuck(timeout)
+            return
+
+
+def start_stuck(timeout: float) -> None:
+    """The start has made no progress in KSR_START_TIMEOUT_S: log where every task of the worker
+    waits, then restart."""
+    log.error("the worker has not started in %g s, with nothing restored meanwhile (KSR_START_TIMEOUT_S); "
+              "where the worker's tasks wait:\n%s",
+              timeout, "\n".join(_await_chain(task) for task in asyncio.all_tasks()))
+    exit_for_restart("start stuck", with_traceback=False)
 
 
 def commit_stuck(timeout: float) -> None:

@@ -88,6 +88,7 @@ class Settings:
     commit_when_idle: bool
     commit_timeout_s: float
     txn_retry_backoff_ms: int
+    start_timeout_s: float
     session_timeout_s: float
     state_precision: str
     kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
@@ -124,6 +125,7 @@ class Settings:
             commit_when_idle=_choice("KSR_COMMIT_WHEN_IDLE", "1", ("0", "1")) == "1",
             commit_timeout_s=_positive_float("KSR_COMMIT_TIMEOUT_S", 120.0),
             txn_retry_backoff_ms=_positive_int("KSR_TXN_RETRY_BACKOFF_MS", 5),
+            start_timeout_s=_positive_float("KSR_START_TIMEOUT_S", 120.0),
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             kafka_security=kafka_security_from_env(),

@@ -307,9 +307,11 @@ def crash(bootstrap: str, checkpoint: str, events: int = 5000, rate: float = 500
 
 def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: float = 150.0,
                   stop_after: float = 4.0, outage_s: float = 30.0, timeout: float = 300.0,
-                  freeze: bool = False, **env_extra: str) -> dict:
+                  freeze: bool = False, stop_when_logged: str | None = None, **env_extra: str) -> dict:
     """Stop the local broker for `outage_s` seconds mid-stream, then start it again.
 
+    `stop_when_logged`: count `stop_after` from the moment this text appears in the worker's log
+    (a step of its start, say), not from the start of the load.
     `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) from
     `stop_after` seconds after the worker's first answer: a hung broker, whose connections stay open
     and whose answers never come, so that the requests under way (a commit) wait rather than fail.
@@ -324,6 +326,8 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
         if freeze:
             # Mid-stream, not in the worker's start: a hung broker then stops commits under way.
             collector.wait_for_answers(1, timeout)
+        if stop_when_logged is not None:
+            _wait_for_log(worker, stop_when_logged, timeout)
         time.sleep(stop_after)
         if freeze:
             with broker.suspended():
@@ -343,9 +347,18 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
               **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, restarted_at),
               "worker_restarts": worker.log().count("restarting the Faust worker"),
+              "start_watchdog_restarts": worker.log().count("has not started in"),
               "worker_alive_at_end": worker_survived, "producer_failures": producer.failures}
     _clean_up(stream.base, result)
     return result
+
+
+def _wait_for_log(worker: WorkerProcess, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the worker did not log {text!r} in {timeout:g} s:\n{worker.log()[-3000:]}")
+        time.sleep(0.01)
 
 
 def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float = 400.0, kill_after: float = 5.0,
