@@ -33,6 +33,7 @@ from worker import metrics
 from worker.config import Settings
 from worker.delivery import DirectDelivery
 from worker.ledger import BrokerOffsets, Delivery, OffsetLedger
+from worker.logfilter import quiet_repeated_kafka_errors
 from worker.processing import BatchProcessor, Source
 from worker.state import StateDecodeError, StoredUser, decode, encode
 
@@ -905,6 +906,7 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
     )
     worker = Worker(settings, recommender, partitions)
     discard_state_after_crash(settings)
+    quiet_repeated_kafka_errors()
     runner = faust.Worker(worker.app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it turns on every record; every
     # debug call in aiokafka then builds a LogRecord on the hot path. No spinner, no such cost.
