@@ -1,11 +1,11 @@
 """Keep a broker outage from flooding the worker's log.
 
 While the broker is away, aiokafka's fetch and send loops ask for fresh metadata again as soon as
-the last attempt failed, and a refused connection fails at once: in a 25 s outage a worker wrote 207,000 lines
-of "Unable connect to node" and "Unable to update metadata" (README, Speed). The filter lets the
-first record of each kind through, holds the repeats back for `interval` seconds, and then lets
-one through with the count of those held back. Records below WARNING pass untouched, and a
-message never seen before always passes at once.
+the last attempt failed, and a refused connection fails at once: in a 25 s outage a worker wrote
+207,000 lines of "Unable connect to node" and "Unable to update metadata" (README, Reliability).
+The filter lets the first record of each kind through, holds the repeats back for `interval`
+seconds, and then lets one through with the count of those held back. Records below WARNING pass
+untouched, and a message never seen before always passes at once.
 """
 
 from __future__ import annotations
