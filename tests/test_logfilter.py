@@ -51,7 +51,8 @@ def test_other_messages_loggers_and_levels_pass() -> None:
 
 
 def test_every_aiokafka_logger_gets_the_filter() -> None:
-    names = ("aiokafka", "aiokafka.consumer.fetcher",  # aiokafka's client logs as "aiokafka" "aiokafka.consumer.group_coordinator",
+    # aiokafka's client logs as "aiokafka".
+    names = ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
              "aiokafka.producer.sender", "aiokafka.conn")
     repeated = quiet_repeated_kafka_errors()
     try:
