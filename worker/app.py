@@ -985,18 +985,24 @@ async def watch_start(recovery, timeout: float, interval: float = 1.0) -> None:
 def start_stuck(timeout: float) -> None:
     """The start has made no progress in KSR_START_TIMEOUT_S: log where every task of the worker
     waits, then restart."""
-    log.error("the worker has not started in %g s, with nothing restored meanwhile (KSR_START_TIMEOUT_S); "
-              "where the worker's tasks wait:\n%s",
-              timeout, "\n".join(_await_chain(task) for task in asyncio.all_tasks()))
-    exit_for_restart("start stuck", with_traceback=False)
+    restart_with_every_tasks_stack(
+        f"the worker has not started in {timeout:g} s, with nothing restored meanwhile (KSR_START_TIMEOUT_S)",
+        "start stuck")
 
 
 def commit_stuck(timeout: float) -> None:
     """A commit has not ended in KSR_COMMIT_TIMEOUT_S: log where every task of the worker waits,
     then restart (the open transactions are aborted and their events processed again)."""
-    log.error("a commit has not ended in %g s (KSR_COMMIT_TIMEOUT_S); where the worker's tasks wait:\n%s",
-              timeout, "\n".join(_await_chain(task) for task in asyncio.all_tasks()))
-    exit_for_restart("commit stuck", with_traceback=False)
+    restart_with_every_tasks_stack(f"a commit has not ended in {timeout:g} s (KSR_COMMIT_TIMEOUT_S)",
+                                   "commit stuck")
+
+
+def restart_with_every_tasks_stack(problem: str, what: str) -> None:
+    """A watchdog's verdict: log the problem and where each of the worker's tasks waits, then exit
+    for the supervisor."""
+    log.error("%s; where the worker's tasks wait:\n%s",
+              problem, "\n".join(_await_chain(task) for task in asyncio.all_tasks()))
+    exit_for_restart(what, with_traceback=False)
 
 
 def _await_chain(task: asyncio.Task) -> str:

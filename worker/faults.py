@@ -343,12 +343,13 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
     finally:
         worker.stop()
         collector.stop()
+    log = worker.log()
     result = {"scenario": "broker_outage", "outage_s": outage_s, "freeze": freeze,
               **count_answers(collector.received, stream.event_ids),
               "recovery_s": _first_answer_after(collector.received, restarted_at),
-              "worker_restarts": worker.log().count("restarting the Faust worker"),
-              "start_watchdog_restarts": worker.log().count("has not started in"),
-              "worker_log_lines": worker.log().count("\n"),
+              "worker_restarts": log.count("restarting the Faust worker"),
+              "start_watchdog_restarts": log.count("has not started in"),
+              "worker_log_lines": log.count("\n"),
               "worker_alive_at_end": worker_survived, "producer_failures": producer.failures}
     _clean_up(stream.base, result)
     return result
