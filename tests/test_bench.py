@@ -74,6 +74,27 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
 
 @pytest.mark.broker
 @pytest.mark.slow
+def test_bench_throughput_runs_several_workers_beside_as_many_raw_pipe_processes(bootstrap, small_checkpoint) -> None:
+    """--workers 2: two `ksr worker` processes in one consumer group share the backlog (each its own
+    state folder and metrics port; their figures summed), and the raw pipe runs as two processes."""
+    result = subprocess.run(
+        [*KSR, "bench", "throughput", "--events", "3000", "--workers", "2", "--checkpoint", str(small_checkpoint),
+         "--latency-rate", "200", "--latency-events", "400", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap},
+    )
+    figures = json.loads(result.stdout)
+    assert figures["workers"] == 2
+    # Every event answered once, by one worker or the other (which shares depends on when the
+    # second joins the group); the counts come from each worker's own metrics page.
+    assert len(figures["worker_answers_each"]) == 2 and sum(figures["worker_answers_each"]) == 3000
+    assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0 and figures["raw_pipe_cpu_ms_per_event"] > 0
+    assert figures["latency_events"] == 400 and 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert figures["state_bytes_per_user"] > 100
+
+
+@pytest.mark.broker
+@pytest.mark.slow
 def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> None:
     """The scale path end to end, small: synth data, an untrained serving checkpoint, the benchmark."""
     data, checkpoint = tmp_path / "synth-small", tmp_path / "synth-ckpt"
@@ -156,6 +177,22 @@ def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:
     assert abs(sum(shares.values()) - 1) < 0.01
     assert shares["model step (torch)"] > 0.2, shares  # topk on random matrices dominates
     assert "json" in shares and len(summary["top_functions"]) == 5
+
+
+def test_machine_and_loop_figures_are_rates_over_the_middle_of_the_backlog() -> None:
+    from worker.bench import _loop_thread_busy, _machine_busy_seconds, _machine_cores_busy
+
+    # (answered, rss, cpu, loop cpu, time, batch-size sum, batch count, phases, machine busy s):
+    # between the middle samples 1 s passed, the machine's cores were busy 1.5 s and the loop
+    # threads of two workers 1.6 s together.
+    samples = [(50, 1, 0, 0.0, 0, 0, 0, {}, 10.0), (200, 1, 0, 0.2, 1, 0, 0, {}, 11.0),
+               (800, 1, 0, 1.8, 2, 0, 0, {}, 12.5), (990, 1, 0, 3.0, 3, 0, 0, {}, 20.0)]
+    assert _machine_cores_busy(samples, 1000) == 1.5
+    assert _loop_thread_busy(samples, 1000, workers=2) == 0.8
+    assert _machine_cores_busy(samples[:2], 1000) is None
+    first = _machine_busy_seconds()
+    sum(i * i for i in range(2_000_000))  # keep a core busy for a moment
+    assert first is not None and _machine_busy_seconds() > first
 
 
 def test_mean_batch_is_events_over_batches_in_the_middle_of_the_backlog() -> None:

@@ -69,43 +69,94 @@ def _create_topics(settings: Settings, names: list[str], partitions: int) -> Non
 
 
 async def _raw_pipe(
-    settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float
-) -> tuple[float, float]:
-    """Consume `count` messages and produce one `reply`-sized message each.
+    settings: Settings, source: str, sink: str, reply: bytes, timeout: float, group: str, done,
+) -> tuple[float | None, float | None, float, int]:
+    """Consume messages and produce one `reply`-sized message each, as one member of consumer group
+    `group`, until `done(messages piped)` is true or `timeout` s passed.
 
-    Returns events per second and this process's CPU milliseconds per event (from the first fetch).
+    Returns the wall time of its first fetch and of the end of its last batch's sends (None if it
+    fetched nothing), its process's CPU seconds from the first fetch, and the messages it piped.
     """
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from worker.app import aiokafka_security
 
     security = aiokafka_security(settings)
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=settings.bootstrap_servers,
-                                group_id=f"raw-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest",
-                                enable_auto_commit=True, **security)
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=settings.bootstrap_servers, group_id=group,
+                                auto_offset_reset="earliest", enable_auto_commit=True, **security)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **security)
     await consumer.start()
     await producer.start()
-    seen, started, cpu_started = 0, None, 0.0
+    seen, started, ended, cpu_started = 0, None, None, 0.0
     deadline = time.monotonic() + timeout
     try:
-        while seen < count and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+        while not done(seen) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=100, max_records=1000)
             for tp, records in batches.items():
                 if started is None:
-                    started, cpu_started = time.perf_counter(), time.process_time()
+                    started, cpu_started = time.time(), time.process_time()
                 for record in records:
                     await producer.send(sink, key=record.key, value=reply, partition=tp.partition)
                 seen += len(records)
+            if batches:
+                ended = time.time()
         await producer.flush()
-        elapsed = time.perf_counter() - (started or time.perf_counter())
-        cpu = time.process_time() - cpu_started
+        cpu = time.process_time() - cpu_started if started is not None else 0.0
     finally:
         await producer.stop()
         await consumer.stop()
-    if seen < count:
+    return started, ended, cpu, seen
+
+
+def _raw_pipes(settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float,
+               processes: int) -> tuple[float, float]:
+    """The raw pipe over a backlog of `count` events: in this process, or as `processes` processes
+    in one consumer group (as `processes` workers are), stopped once the sink holds `count` replies.
+
+    Returns events per second (from the first fetch of any process to the end of the last sends)
+    and the pipe's CPU milliseconds per event (all its processes).
+    """
+    group = f"raw-{uuid.uuid4().hex[:6]}"
+    if processes == 1:
+        figures = [asyncio.run(_raw_pipe(settings, source, sink, reply, timeout, group, lambda seen: seen >= count))]
+    else:
+        stop_file = Path(tempfile.mkdtemp(prefix="ksr-raw-")) / "stop"
+        members = [subprocess.Popen([sys.executable, "-m", "worker.bench", "raw-pipe", source, sink, str(len(reply)),
+                                     group, str(stop_file), str(timeout)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                    start_new_session=True) for _ in range(processes)]
+        try:
+            _wait_for_records(settings, sink, count, timeout, members)
+            stop_file.touch()
+            figures = [json.loads(member.communicate(timeout=60)[0].decode().strip().splitlines()[-1])
+                       for member in members]
+        finally:
+            for member in members:
+                _stop(member, 10)
+            shutil.rmtree(stop_file.parent, ignore_errors=True)
+    seen = sum(piped for *_, piped in figures)
+    starts = [started for started, *_ in figures if started is not None]
+    if seen < count or not starts:
         raise RuntimeError(f"raw pipe saw {seen} of {count} events within {timeout}s")
-    return count / elapsed, cpu / count * 1000
+    elapsed = max(ended for _, ended, *_ in figures if ended is not None) - min(starts)
+    return count / elapsed, sum(cpu for _, _, cpu, _ in figures) / count * 1000
+
+
+def _wait_for_records(settings: Settings, topic: str, count: int, timeout: float, members: list) -> None:
+    """Wait until `topic` (written without transactions) holds `count` records."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_security)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        deadline = time.monotonic() + timeout
+        while sum(consumer.end_offsets(partitions).values()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the raw pipe did not answer {count} events within {timeout}s")
+            if any(member.poll() is not None for member in members):
+                raise RuntimeError("a raw pipe process exited early")
+            time.sleep(0.05)
+    finally:
+        consumer.close()
 
 
 # The agent's time by phase (worker.metrics.AGENT_SECONDS), as named on the metrics page; and
@@ -116,17 +167,9 @@ AGENT_PHASES = {
 }
 
 
-def _drain(settings: Settings, topic: str, count: int, timeout: float, process=None, metrics_url=None):
-    """Read `count` committed messages of `topic` from the start.
-
-    Returns the produce timestamps (seconds) of the messages, the longest message value among the
-    first 100, and (messages seen, worker resident memory, worker CPU seconds, event-loop thread
-    CPU seconds, monotonic time, events in batches, batches, {agent phase: seconds, and
-    "model_steps": sequential model steps}) samples taken every 0.5 s (a 20,000-event backlog
-    drains in a few seconds) from the worker's own `process_resident_memory_bytes`,
-    `process_cpu_seconds_total`, `ksr_batch_size`, `ksr_agent_seconds` and `ksr_model_steps` (when
-    `metrics_url` is given) and /proc.
-    """
+def _drain(settings: Settings, topic: str, count: int, timeout: float) -> tuple[list[float], bytes]:
+    """Read `count` committed messages of `topic` from the start: their produce timestamps
+    (seconds) and the longest message value among the first 100."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
@@ -134,38 +177,76 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float, process=N
                              consumer_timeout_ms=500, fetch_max_wait_ms=5, **settings.kafka_security)
     stamps: list[float] = []
     longest = b""
-    samples: list[tuple[int, float, float, float | None, float, float | None, float | None, dict]] = []
     deadline = time.monotonic() + timeout
-    next_sample = 0.0
     try:
         while len(stamps) < count and time.monotonic() < deadline:
             for record in consumer:
                 stamps.append(record.timestamp / 1000)
                 if len(stamps) <= 100 and len(record.value) > len(longest):
                     longest = record.value
-                if metrics_url and time.monotonic() >= next_sample:
-                    next_sample = time.monotonic() + 0.5
-                    page = scrape_samples(metrics_url, ("process_resident_memory_bytes",
-                                                        "process_cpu_seconds_total",
-                                                        "ksr_batch_size_sum", "ksr_batch_size_count",
-                                                        "ksr_model_steps_total", *AGENT_PHASES.values()))
-                    if len(page) >= 2:
-                        samples.append((len(stamps), page["process_resident_memory_bytes"],
-                                        page["process_cpu_seconds_total"],
-                                        _loop_thread_cpu(process.pid) if process is not None else None,
-                                        time.monotonic(),
-                                        page.get("ksr_batch_size_sum"), page.get("ksr_batch_size_count"),
-                                        {**{phase: page.get(name) for phase, name in AGENT_PHASES.items()},
-                                         "model_steps": page.get("ksr_model_steps_total")}))
                 if len(stamps) >= count:
                     break
-            if process is not None and process.poll() is not None:
-                raise RuntimeError("the worker exited during the benchmark")
     finally:
         consumer.close()
     if len(stamps) < count:
         raise RuntimeError(f"{topic}: {len(stamps)} of {count} messages within {timeout}s")
-    return stamps, longest, samples
+    return stamps, longest
+
+
+# What `_watch` reads from each worker's metrics page, summed over the workers.
+_WATCHED = ("ksr_recommendations_total", "process_resident_memory_bytes", "process_cpu_seconds_total",
+            "ksr_batch_size_sum", "ksr_batch_size_count", "ksr_model_steps_total")
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds this machine's cores have spent busy since boot (/proc/stat: user, nice, system,
+    irq, softirq), or None where /proc does not tell."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout: float,
+           interval: float = 0.25) -> list[tuple]:
+    """Follow the workers through their metrics pages until they have answered `count` events.
+
+    Nothing reads their output meanwhile: the raw pipe's output is not read during its run either,
+    and a read_committed reader of the answers takes most of a core on a small machine (README,
+    Speed). Returns samples taken every `interval` s, each (answers emitted, resident memory, CPU
+    seconds (all threads), event-loop threads' CPU seconds, monotonic time, events in batches,
+    batches, {agent phase: seconds, "model_steps": sequential model steps}, machine busy CPU
+    seconds), every worker figure summed over the workers.
+    """
+    names = (*_WATCHED, *AGENT_PHASES.values())
+    samples: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    answered = 0.0
+    while answered < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers answered {answered:.0f} of {count} events within {timeout}s")
+        if any(worker.poll() is not None for worker in workers):
+            raise RuntimeError("a worker exited during the benchmark")
+        pages = [scrape_samples(url, names) for url in urls]
+        if all(len(page) >= 3 for page in pages):
+
+            def total(name: str, pages: list[dict] = pages) -> float | None:
+                values = [page.get(name) for page in pages]
+                return None if None in values else sum(values)
+
+            loops = [_loop_thread_cpu(worker.pid) for worker in workers]
+            answered = total("ksr_recommendations_total") or 0.0
+            samples.append((answered, total("process_resident_memory_bytes"), total("process_cpu_seconds_total"),
+                            None if None in loops else sum(loops), time.monotonic(),
+                            total("ksr_batch_size_sum"), total("ksr_batch_size_count"),
+                            {**{phase: total(name) for phase, name in AGENT_PHASES.items()},
+                             "model_steps": total("ksr_model_steps_total")},
+                            _machine_busy_seconds()))
+            if answered >= count:
+                break
+        time.sleep(interval)
+    return samples
 
 
 def _metrics_page(url: str, timeout: float = 2) -> list[str]:
@@ -204,6 +285,15 @@ def _histogram(url: str, name: str, label: str = "") -> dict[float, float]:
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
     return buckets
+
+
+def _histograms(urls: list[str], name: str, label: str = "") -> dict[float, float]:
+    """`_histogram` summed over several workers' pages."""
+    total: dict[float, float] = {}
+    for url in urls:
+        for bound, count in _histogram(url, name, label).items():
+            total[bound] = total.get(bound, 0.0) + count
+    return total
 
 
 def _bucket_count(before: dict, after: dict) -> int:
@@ -260,12 +350,18 @@ def _cpu_per_event(samples: list[tuple], count: int) -> float | None:
     return None if seconds is None else round(seconds * 1000, 4)
 
 
-def _loop_thread_busy(samples: list[tuple], count: int) -> float | None:
+def _loop_thread_busy(samples: list[tuple], count: int, workers: int = 1) -> float | None:
     """The share of wall time the worker's event-loop thread spent on a CPU over the middle 80% of
-    the backlog: near 1, the loop is the bottleneck (a profile's "idle" share then includes waiting
-    for the interpreter lock, not spare capacity)."""
+    the backlog (the mean over `workers` workers): near 1, the loop is the bottleneck (a profile's
+    "idle" share then includes waiting for the interpreter lock, not spare capacity)."""
     share = _middle_rate(samples, count, 3, 4)
-    return None if share is None else round(share, 3)
+    return None if share is None else round(share / workers, 3)
+
+
+def _machine_cores_busy(samples: list[tuple], count: int) -> float | None:
+    """How many of the machine's cores were busy, on average, over the middle 80% of the backlog."""
+    cores = _middle_rate([(sample[0], sample[8], sample[4]) for sample in samples], count, 1, 2)
+    return None if cores is None else round(cores, 2)
 
 
 def _mean_batch(samples: list[tuple], count: int) -> float | None:
@@ -362,10 +458,13 @@ def bench_throughput(
     data: str = "ml-100k",
     profile: str | None = None,
     latency_rate: float | None = None,
+    workers: int = 1,
 ) -> dict:
     """Run (a) and (b) and the latency phase; returns the figures.
 
     The latency phase runs at `latency_rate` events/s, by default half the worker's saturated rate.
+    `workers`: worker processes in one consumer group (each its own state folder and metrics
+    port), and as many raw pipe processes in one group, so that both sides get the same processes.
 
     Also reports the worker's resident memory growth over the last 80% of the backlog and, after
     the worker stopped (RocksDB flushed and closed), its state folder's bytes per user.
@@ -383,24 +482,32 @@ def bench_throughput(
     _produce(base.bootstrap_servers, names["raw-in"], backlog, base.kafka_security)
     _produce(base.bootstrap_servers, names["in"], backlog, base.kafka_security)
 
-    state_dir = Path(tempfile.mkdtemp(prefix="ksr-bench-"))
-    metrics_port = os.environ.get("KSR_BENCH_METRICS_PORT", "9474")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    state_dirs = [Path(tempfile.mkdtemp(prefix="ksr-bench-")) for _ in range(workers)]
+    metrics_port = int(os.environ.get("KSR_BENCH_METRICS_PORT", "9474"))
+    urls = [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(workers)]
     env = {
         **os.environ, "KSR_APP_ID": f"bench-{tag}", "KSR_TOPIC_INTERACTIONS": names["in"],
         "KSR_TOPIC_RECOMMENDATIONS": names["out"], "KSR_TOPIC_DLQ": names["dlq"],
         "KSR_TOPIC_MODEL_UPDATES": names["updates"], "KSR_CHECKPOINT": checkpoint,
-        "KSR_STATE_DIR": str(state_dir), "KSR_METRICS_PORT": metrics_port,
         **(worker_env or {}),
-        **({"KSR_PROFILE": str(Path(profile).resolve())} if profile else {}),
     }
-    _log("(b) worker: draining the backlog")
-    log_path = state_dir / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT, env=env,
-                                  stdout=log, stderr=log, start_new_session=True)
+    _log(f"(b) worker: draining the backlog ({workers} worker process{'es' if workers > 1 else ''})")
+    log_paths = [state_dir / "worker.log" for state_dir in state_dirs]
+    processes: list[subprocess.Popen] = []
     try:
-        stamps, reply, samples = _drain(base, names["out"], events, timeout, worker,
-                                    metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+        for i, (state_dir, log_path) in enumerate(zip(state_dirs, log_paths)):
+            own = {"KSR_STATE_DIR": str(state_dir), "KSR_METRICS_PORT": str(metrics_port + i)}
+            if profile and i == 0:  # one profile file: the first worker's
+                own["KSR_PROFILE"] = str(Path(profile).resolve())
+            with open(log_path, "wb") as log:
+                processes.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT,
+                                                  env={**env, **own}, stdout=log, stderr=log,
+                                                  start_new_session=True))
+        samples = _watch(processes, urls, events, timeout)
+        answers_each = [int(scrape_sample(url, "ksr_recommendations_total") or 0) for url in urls]
+        stamps, reply = _drain(base, names["out"], events, timeout)
         # Saturation rate over the middle 80% of the outputs (by their produce timestamps), so the
         # start-up rebalance and the tail do not count.
         stamps.sort()
@@ -411,31 +518,39 @@ def bench_throughput(
         _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
         latency_events = min(latency_events, int(rate * 30) or 1)  # at most ~30 s of load
         paced = _events(dataset, latency_events, offset=events)
-        histogram_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        commits_before = _histogram(histogram_url, "ksr_commit_seconds")
-        full_gc_before = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
-        trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, worker))
-        commits_after = _histogram(histogram_url, "ksr_commit_seconds")
-        full_gc_after = _histogram(histogram_url, "ksr_gc_pause_seconds", 'generation="2"')
+        commits_before = _histograms(urls, "ksr_commit_seconds")
+        full_gc_before = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
+        trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, processes))
+        commits_after = _histograms(urls, "ksr_commit_seconds")
+        full_gc_after = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
     finally:
-        _stop(worker, 60)
+        for process in processes:
+            _stop(process, 60)
     users = len({key for key, _ in backlog} | {key for key, _ in paced})
-    state_bytes = _disk_bytes(state_dir) - log_path.stat().st_size
-    shutil.rmtree(state_dir, ignore_errors=True)  # the worker's RocksDB files and log
+    state_bytes = sum(_disk_bytes(state_dir) - log_path.stat().st_size
+                      for state_dir, log_path in zip(state_dirs, log_paths))
+    for state_dir in state_dirs:
+        shutil.rmtree(state_dir, ignore_errors=True)  # the workers' RocksDB files and logs
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
-    raw_eps, raw_cpu_ms = asyncio.run(_raw_pipe(base, names["raw-in"], names["raw-out"], events, reply, timeout))
+    raw_eps, raw_cpu_ms = _raw_pipes(base, names["raw-in"], names["raw-out"], events, reply, timeout, workers)
     _log(f"(a) raw pipe: latency at {rate:.0f} events/s")
     raw_trace = _raw_latency(base, names, paced, rate, len(reply), timeout)
 
     return {
+        "workers": workers,
         "raw_pipe_eps": round(raw_eps, 1),
         "worker_eps": round(worker_eps, 1),
         "ratio": round(worker_eps / raw_eps, 3),
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
-        "worker_loop_thread_busy": _loop_thread_busy(samples, events),
+        "worker_loop_thread_busy": _loop_thread_busy(samples, events, workers),
+        # Over the same stretch, how many of the machine's cores were busy (all processes: the
+        # workers, the broker, this benchmark): near the core count, the machine is the bound.
+        "machine_cores_busy": _machine_cores_busy(samples, events),
+        # How many of the backlog's events each worker answered (a consumer group shares them out).
+        "worker_answers_each": answers_each,
         "worker_mean_batch": _mean_batch(samples, events),
         "worker_model_steps_per_event": _model_steps_per_event(samples, events),
         # The agent's wall time per event by phase over the same stretch (ksr_agent_seconds).
@@ -470,7 +585,7 @@ def bench_throughput(
 
 
 async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, rate: float, timeout: float,
-                       process) -> list[tuple[float, float, float]]:
+                       processes: list) -> list[tuple[float, float, float]]:
     """Produce `paced` into `source` at `rate` while a read_committed consumer, already at the end of
     `sink`, waits for each answer. Returns (sent, emitted, arrived) wall-clock seconds per event:
     sent when handed to the producer, emitted from the answer's `emitted_ts`, arrived when fetched.
@@ -515,8 +630,8 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
                     sent = sent_at.get(answer.get("event_id"))
                     if sent is not None:
                         trace.append((sent, answer["emitted_ts"], arrived))
-            if process is not None and process.poll() is not None:
-                raise RuntimeError("the process answering exited during the latency phase")
+            if any(process.poll() is not None for process in processes):
+                raise RuntimeError("a process answering exited during the latency phase")
             if sender.done() and sender.exception() is not None:
                 raise sender.exception()
         await sender
@@ -537,7 +652,7 @@ def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size
     try:
         if echo.stdout.readline().strip() != b"ready":
             raise RuntimeError("the raw pipe's echo did not start")
-        return asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, echo))
+        return asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, [echo]))
     finally:
         _stop(echo, 30)
 
@@ -600,11 +715,19 @@ def _latency_figures(trace: list[tuple[float, float, float]], prefix: str = "") 
     return figures
 
 
-if __name__ == "__main__":  # python -m worker.bench echo SOURCE SINK SIZE (the latency phase's raw pipe)
+if __name__ == "__main__":
+    # python -m worker.bench echo SOURCE SINK SIZE (the latency phase's raw pipe), or
+    # python -m worker.bench raw-pipe SOURCE SINK SIZE GROUP STOP_FILE TIMEOUT (one of several raw
+    # pipe processes: pipes until STOP_FILE exists, then prints its figures as JSON)
     if sys.argv[1:2] == ["echo"] and len(sys.argv) == 5:
         try:
             asyncio.run(_echo(Settings.from_env(), sys.argv[2], sys.argv[3], int(sys.argv[4])))
         except KeyboardInterrupt:
             pass
+    elif sys.argv[1:2] == ["raw-pipe"] and len(sys.argv) == 8:
+        stop = Path(sys.argv[6])
+        print(json.dumps(asyncio.run(_raw_pipe(Settings.from_env(), sys.argv[2], sys.argv[3], b"x" * int(sys.argv[4]),
+                                               float(sys.argv[7]), sys.argv[5], lambda seen: stop.exists()))))
     else:
-        sys.exit("usage: python -m worker.bench echo SOURCE SINK SIZE")
+        sys.exit("usage: python -m worker.bench echo SOURCE SINK SIZE | "
+                 "raw-pipe SOURCE SINK SIZE GROUP STOP_FILE TIMEOUT")
