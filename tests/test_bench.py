@@ -38,6 +38,16 @@ def test_bench_batches_cuts_the_same_events_both_ways(small_checkpoint) -> None:
     assert shares["users_per_batch"] > fetch_order["users_per_batch"]
     assert shares["steps_per_event"] < fetch_order["steps_per_event"]
     assert figures["speedup"] > 0
+    # Timed as the worker runs: the start-up heap frozen out of the garbage collector.
+    assert figures["gc_frozen_objects"] > 10_000
+
+
+def test_bench_batches_leaves_the_collector_alone_when_the_worker_would(small_checkpoint) -> None:
+    result = subprocess.run(
+        [*KSR, "bench", "batches", "--checkpoint", str(small_checkpoint), "--events", "600", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True, env={**os.environ, "KSR_GC_FREEZE": "0"},
+    )
+    assert json.loads(result.stdout)["gc_frozen_objects"] == 0
 
 
 @pytest.mark.broker
