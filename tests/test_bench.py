@@ -229,3 +229,10 @@ def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_midd
     assert figures["process"] == pytest.approx(0.5) and figures["send"] == pytest.approx(0.1)
     assert figures["idle"] == 0.0 and set(figures) == set(AGENT_PHASES)
     assert _agent_ms_per_event(samples[:2], 1000) is None
+
+
+def test_bench_throughput_refuses_fewer_than_one_worker() -> None:
+    for value in ("0", "two"):
+        result = subprocess.run([*KSR, "bench", "throughput", "--workers", value, "--json"], cwd=REPO,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 2 and "--workers" in result.stderr and result.stdout == "", result.stderr

@@ -3,7 +3,9 @@
 (a) raw pipe: an aiokafka consumer feeding an aiokafka producer, no model: the ceiling.
 (b) the worker end to end (`ksr worker` as a subprocess), same broker, partitions, input messages
     and output message size.
-Both drain the same pre-produced backlog (saturation); then each is fed the same further events at
+Both drain the same pre-produced backlog (saturation), with `workers` processes each (one
+consumer group per side), and nothing reads either side's answers while it drains (the workers are
+followed through their metrics pages); then each is fed the same further events at
 one rate (by default half the worker's saturated rate) to measure latency from an event's produce
 time to its answer arriving at a read_committed consumer: the worker, and the raw pipe as an echo in
 its own process (the floor of that figure on this machine and broker). Bounded in events and
@@ -471,6 +473,8 @@ def bench_throughput(
     """
     from model.data import load
 
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, not {workers}")
     base = Settings.from_env()
     checkpoint = checkpoint or str(base.checkpoint)
     dataset = load(data)
@@ -482,8 +486,6 @@ def bench_throughput(
     _produce(base.bootstrap_servers, names["raw-in"], backlog, base.kafka_security)
     _produce(base.bootstrap_servers, names["in"], backlog, base.kafka_security)
 
-    if workers < 1:
-        raise ValueError("workers must be at least 1")
     state_dirs = [Path(tempfile.mkdtemp(prefix="ksr-bench-")) for _ in range(workers)]
     metrics_port = int(os.environ.get("KSR_BENCH_METRICS_PORT", "9474"))
     urls = [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(workers)]

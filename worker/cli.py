@@ -142,6 +142,17 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "step":
         from model.bench import bench_step
@@ -293,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-events", type=int, default=3000,
                    help="throughput: events in the latency phase (at most ~30 s of them)")
     p.add_argument("--partitions", type=int, default=4, help="batches: partitions the events are keyed over")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_at_least_one, default=1,
                    help="throughput: worker processes in one consumer group, and as many raw pipe processes")
     p.add_argument("--batch-size", type=int, default=256, help="batches: events per batch (KSR_BATCH_SIZE)")
     p.add_argument("--profile", default=None, help="throughput: cProfile the worker into this file and "
