@@ -23,7 +23,7 @@ from model.ksr import KSR, UserState
 # Ranking a large catalog (Recommender._top_k): items scored per block (a 256-event batch's block
 # of scores stays at 4 MiB) and items per group whose best score is kept.
 RANK_BLOCK_ITEMS = 4096
-RANK_GROUP_ITEMS = 64
+RANK_GROUP_ITEMS = 32
 # Batches of at most this many users are scored against the whole catalog at once: their score
 # matrix is small, and the grouped path's extra steps cost more than they save (`ksr bench step`).
 RANK_DIRECT_MAX_BATCH = 16
