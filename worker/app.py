@@ -378,10 +378,7 @@ class Worker:
         """
         if not self.settings.gc_freeze or gc.get_freeze_count():
             return  # off, or frozen already (an agent restarted in the same process)
-        gc.collect()
-        gc.freeze()
-        metrics.GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
-        log.info("froze %d start-up objects out of the garbage collector", gc.get_freeze_count())
+        log.info("froze %d start-up objects out of the garbage collector", metrics.freeze_heap())
 
     def _gate_commits(self) -> None:
         """Make Faust's commits wait for the batch in progress, and commit the partitions'
