@@ -53,6 +53,9 @@ class Recommender:
         self.item_tokens = checkpoint.item_tokens
         self.item_index = {token: i for i, token in enumerate(self.item_tokens)}
         self.relation_tokens = checkpoint.relation_tokens
+        # The same, as arrays of Python strings: a batch's answers take their ids in one gather.
+        self._item_token_array = np.array(self.item_tokens, dtype=object)
+        self._relation_token_array = np.array(self.relation_tokens, dtype=object)
         with torch.no_grad():
             self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
         self.rank_block_items = RANK_BLOCK_ITEMS
@@ -133,28 +136,28 @@ class Recommender:
         weights (B, A); seen[b]: item indices excluded for row b."""
         k = min(k, self.n_items - 1)
         top_scores, top_items = self._top_k(user_vectors, seen, k)
-        tokens = self.item_tokens
-        relations = self.relation_tokens
-        # Rounded and ordered for the whole batch at once; per row only the lists are built.
-        # -inf marks a catalog exhausted by the seen filter: fewer than k items are left.
+        # Rounded, ordered and named for the whole batch at once; per row only the explanation's
+        # dicts are built. -inf marks a catalog exhausted by the seen filter: fewer than k items left.
         scores = top_scores.numpy().astype(np.float64)
         finite = np.isfinite(scores).all(axis=1)
         scores = np.round(scores, 6).tolist()
+        items = self._item_token_array[top_items.numpy()].tolist()
         weights = weights.numpy().astype(np.float64)
         order = np.argsort(-weights, axis=1, kind="stable")  # largest first; ties in relation order
         weights = np.round(np.take_along_axis(weights, order, axis=1), 6).tolist()
+        relations = self._relation_token_array[order].tolist()
         results = []
-        for row_scores, row_items, row_finite, row_order, row_weights in zip(
-            scores, top_items.tolist(), finite.tolist(), order.tolist(), weights
+        for row_scores, row_items, row_finite, row_relations, row_weights in zip(
+            scores, items, finite.tolist(), relations, weights
         ):
             if not row_finite:
                 kept = [(v, i) for v, i in zip(row_scores, row_items) if v != float("-inf")]
                 row_scores, row_items = [v for v, _ in kept], [i for _, i in kept]
             results.append(
                 Recommendation(
-                    items=[tokens[i] for i in row_items],
+                    items=row_items,
                     scores=row_scores,
-                    explanation=[{"relation": relations[j], "weight": w} for j, w in zip(row_order, row_weights)],
+                    explanation=[{"relation": r, "weight": w} for r, w in zip(row_relations, row_weights)],
                 )
             )
         return results
@@ -175,7 +178,7 @@ class Recommender:
         """
         lengths = [len(s) for s in seen]
         rows = np.repeat(np.arange(len(seen)), lengths)
-        cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if sum(lengths) else rows
+        cols = np.concatenate(seen).astype(np.int64) if len(rows) else rows
         n, batch = self.n_items, user_vectors.shape[0]
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
             scores = user_vectors @ self.item_vectors.T  # (B, N)
