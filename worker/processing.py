@@ -305,14 +305,18 @@ class BatchProcessor:
         positions: dict[str, list[int]] = {}  # user -> the indices of its events in `emitted`
         partition_of: dict[str, int] = {}
         emitted: list[tuple[Source, Interaction, int]] = []
-        seen: list[np.ndarray] = []
+        fresh: dict[str, list[int]] = {}  # user -> the item indices of its fresh events, in order
+        # Each answer's seen filter is the user's history as of its event: (user, fresh events of
+        # the batch by then), made into views of one array per user after the loop.
+        seen_at: list[tuple[str, int]] = []
         again: list[tuple[Source, Interaction, int]] = []  # duplicates to answer again
         again_states: list[StoredUser] = []
-        again_seen: list[np.ndarray] = []
+        again_seen_at: list[tuple[str, int]] = []
         for entry in accepted:
             source, event, index = entry
             user = users[event.user_id]
             partition_of[event.user_id] = source.partition
+            items = fresh.setdefault(event.user_id, [])
             hashed = None if event.event_id is None else event_id_hash(event.event_id)
             if (source.partition == user.last_partition and source.offset <= user.last_offset) or (
                     hashed is not None and hashed in user.recent_ids):
@@ -321,18 +325,18 @@ class BatchProcessor:
                     # The state as stored before this batch, the history as of this event.
                     again.append(entry)
                     again_states.append(user)
-                    again_seen.append(user.history)
+                    again_seen_at.append((event.user_id, len(items)))
                 continue
             if hashed is not None:
                 user.recent_ids = (user.recent_ids + [hashed])[-self.recent_event_ids :]
             user.last_partition, user.last_offset = source.partition, source.offset
-            # np.append makes a new array, so `seen` keeps this event's snapshot.
-            user.history = np.append(user.history, np.int32(index))[-self.history_length :]
+            items.append(index)
             user.events += 1
             user.last_ts = event.ts
             positions.setdefault(event.user_id, []).append(len(emitted))
             emitted.append(entry)
-            seen.append(user.history)
+            seen_at.append((event.user_id, len(items)))
+        seen, again_seen = self._histories(users, fresh, seen_at, again_seen_at)
         if again:
             # Before _run, which moves the users' states past this batch's fresh events.
             started = time.perf_counter()
@@ -344,6 +348,32 @@ class BatchProcessor:
             self._run(emitted, positions, users, seen, result)
         result.states = {u: (partition_of[u], users[u]) for u in users}
         return result
+
+    def _histories(
+        self, users: dict[str, StoredUser], fresh: dict[str, list[int]], *wanted: list[tuple[str, int]]
+    ) -> list[list[np.ndarray]]:
+        """Append each user's fresh items to its stored history (the last `history_length` kept),
+        and return, for each list of (user, n) in `wanted`, the history as of the user's n-th fresh
+        event of the batch: read-only views of one array per user, made once per batch instead of
+        one copy per event."""
+        limit = self.history_length
+        full: dict[str, tuple[np.ndarray, int]] = {}
+        for user_id, items in fresh.items():
+            user = users[user_id]
+            before = len(user.history)
+            combined = user.history
+            if items:
+                combined = np.concatenate([combined, np.asarray(items, dtype=np.int32)])
+                combined.flags.writeable = False  # shared by this batch's answers
+            full[user_id] = combined, before
+            user.history = combined[-limit:]
+
+        def as_of(user_id: str, n: int) -> np.ndarray:
+            combined, before = full[user_id]
+            end = before + n
+            return combined[max(0, end - limit) : end]
+
+        return [[as_of(user_id, n) for user_id, n in positions] for positions in wanted]
 
     def _recompute(self, users: dict[str, StoredUser], stale: list[str]) -> None:
         """Rebuild GRU state and memory from the stored last-N items under the current model."""
