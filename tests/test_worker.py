@@ -354,3 +354,35 @@ def test_a_commits_hold_on_the_batch_gate_is_released_once() -> None:
         return gate.locked()
 
     assert asyncio.run(scenario())
+
+
+def test_a_batch_of_latencies_is_counted_as_observing_each_one() -> None:
+    """metrics.observe_many (one update per bucket for a batch's latencies) exposes the same
+    buckets, count and sum as Histogram.observe called for every amount, amounts on a bucket's
+    bound (counted in that bucket: `le`) and beyond the last finite bound included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from worker import metrics
+
+    amounts = [0.0, 0.001, 0.0011, 0.004, 0.05, 0.05, 0.3, 2.5, 7.0, 12.0, 0.02]
+    exposition = {}
+    for way in ("each", "batch"):
+        registry = CollectorRegistry()
+        histogram = Histogram("latency", "test", buckets=(0.001, 0.01, 0.05, 1, 2.5, 10), registry=registry)
+        if way == "each":
+            for amount in amounts:
+                histogram.observe(amount)
+        else:
+            metrics.observe_many(histogram, amounts[:4])
+            metrics.observe_many(histogram, [])
+            metrics.observe_many(histogram, amounts[4:])
+        exposition[way] = {
+            line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+            for line in generate_latest(registry).decode().splitlines()
+            if line.startswith("latency_") and "_created" not in line
+        }
+    assert exposition["batch"].keys() == exposition["each"].keys()
+    for key, value in exposition["each"].items():
+        assert exposition["batch"][key] == pytest.approx(value), key
+    assert exposition["batch"]['latency_bucket{le="0.001"}'] == 2  # 0.0 and 0.001 (on the bound)
+    assert exposition["batch"]['latency_bucket{le="+Inf"}'] == len(amounts)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS = Counter("ksr_events", "Interaction events by outcome", ["outcome"])  # ok|dead_letter|duplicate
@@ -109,3 +111,23 @@ def freeze_heap() -> int:
 def serve(host: str, port: int) -> None:
     """Start the /metrics HTTP endpoint in a background thread."""
     start_http_server(port, addr=host)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe(a)` for every a of `amounts` (a batch's latencies), at one update per
+    bucket instead of one bucket search and two locked increments per amount.
+
+    Uses prometheus-client's own fields (pinned in pyproject.toml: `_upper_bounds`, `_buckets`,
+    `_sum`), as its `observe` does; tests/test_worker.py holds the exposition to `observe`'s.
+    """
+    if not len(amounts):
+        return
+    histogram._raise_if_not_observable()
+    values = np.asarray(amounts, dtype=np.float64)
+    bounds = histogram._upper_bounds
+    # observe() counts an amount in the first bucket whose bound is >= it (the last bound is +Inf).
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for bucket, count in zip(histogram._buckets, counts[: len(bounds)].tolist()):
+        if count:
+            bucket.inc(count)
