@@ -386,13 +386,3 @@ def test_a_batch_of_latencies_is_counted_as_observing_each_one() -> None:
         assert exposition["batch"][key] == pytest.approx(value), key
     assert exposition["batch"]['latency_bucket{le="0.001"}'] == 2  # 0.0 and 0.001 (on the bound)
     assert exposition["batch"]['latency_bucket{le="+Inf"}'] == len(amounts)
-
-
-def test_the_faust_child_runs_with_two_malloc_arenas_unless_told_otherwise() -> None:
-    """`ksr worker` starts its Faust child with glibc's MALLOC_ARENA_MAX=2 (the 1M-user benchmark's
-    resident memory, README At scale), and an operator's own value wins."""
-    from worker.app import child_environment
-
-    env = child_environment({"PATH": "/bin", "KSR_BATCH_SIZE": "64"})
-    assert env == {"PATH": "/bin", "KSR_BATCH_SIZE": "64", "KSR_WORKER_CHILD": "1", "MALLOC_ARENA_MAX": "2"}
-    assert child_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"

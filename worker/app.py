@@ -831,26 +831,6 @@ def _die_with_parent() -> None:
         pass
 
 
-# glibc's heaps for the Faust child, unless the environment names its own (README, At scale).
-MALLOC_ARENA_MAX = "2"
-
-
-def child_environment(environ) -> dict[str, str]:
-    """The Faust child's environment: the supervisor's, marked as the child's, with glibc's
-    MALLOC_ARENA_MAX at 2 where it is not set.
-
-    By default glibc gives each thread that allocates its own heap (arena), up to 8 per core, and
-    RocksDB's flush and compaction threads, aiokafka's consumer thread and PyTorch each churn
-    buffers of many sizes; memory freed in one arena is not reused by the others, so the resident
-    size crept up with the users seen (9.4-17.1% over the last 80% of the 1M-user benchmark in
-    earlier runs, against 7.2% with two arenas). glibc reads the variable once, at the start of the
-    process, which is why the supervisor sets it for its child. An operator's own value wins.
-    """
-    env = {**environ, "KSR_WORKER_CHILD": "1"}
-    env.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
-    return env
-
-
 def supervise(checkpoint: str | None, loglevel: str) -> int:
     """Run and restart the Faust worker child until it exits cleanly or we are told to stop."""
     import signal
@@ -860,7 +840,7 @@ def supervise(checkpoint: str | None, loglevel: str) -> int:
     command = [sys.executable, "-m", "worker.cli", "worker", "--loglevel", loglevel]
     if checkpoint:
         command += ["--checkpoint", str(checkpoint)]
-    env = child_environment(os.environ)
+    env = {**os.environ, "KSR_WORKER_CHILD": "1"}
     state = {"stopping": False, "child": None}
 
     def forward(signum, _frame) -> None:
