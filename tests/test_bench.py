@@ -86,15 +86,16 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
 @pytest.mark.slow
 def test_bench_throughput_runs_several_workers_beside_as_many_raw_pipe_processes(bootstrap, small_checkpoint) -> None:
     """--workers 2: two `ksr worker` processes in one consumer group share the backlog (each its own
-    state folder and metrics port; their figures summed), and the raw pipe runs as two processes."""
+    state folder and metrics port; their figures summed), and the raw pipe runs as two processes;
+    --partitions sets the benchmark's topics' partitions."""
     result = subprocess.run(
         [*KSR, "bench", "throughput", "--events", "3000", "--workers", "2", "--checkpoint", str(small_checkpoint),
-         "--latency-rate", "200", "--latency-events", "400", "--json"],
+         "--latency-rate", "200", "--latency-events", "400", "--partitions", "6", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap},
     )
     figures = json.loads(result.stdout)
-    assert figures["workers"] == 2
+    assert figures["workers"] == 2 and figures["partitions"] == 6
     # Every event answered once, by one worker or the other (which shares depends on when the
     # second joins the group); the counts come from each worker's own metrics page.
     assert len(figures["worker_answers_each"]) == 2 and sum(figures["worker_answers_each"]) == 3000
@@ -231,8 +232,9 @@ def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_midd
     assert _agent_ms_per_event(samples[:2], 1000) is None
 
 
-def test_bench_throughput_refuses_fewer_than_one_worker() -> None:
-    for value in ("0", "two"):
-        result = subprocess.run([*KSR, "bench", "throughput", "--workers", value, "--json"], cwd=REPO,
-                                capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 2 and "--workers" in result.stderr and result.stdout == "", result.stderr
+def test_bench_throughput_refuses_fewer_than_one_worker_or_partition() -> None:
+    for option in ("--workers", "--partitions"):
+        for value in ("0", "two"):
+            result = subprocess.run([*KSR, "bench", "throughput", option, value, "--json"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120, check=False)
+            assert result.returncode == 2 and option in result.stderr and result.stdout == "", result.stderr

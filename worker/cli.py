@@ -163,7 +163,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = bench_throughput(checkpoint=args.checkpoint, events=args.events, data=args.data,
                                   timeout=args.timeout, profile=args.profile, latency_rate=args.latency_rate,
-                                  latency_events=args.latency_events, workers=args.workers)
+                                  latency_events=args.latency_events, workers=args.workers,
+                                  partitions=args.partitions)
     elif args.bench == "batches":
         from worker.bench_batches import bench_batches
         from worker.config import Settings
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "saturated rate); a fixed rate compares builds whose saturated rates differ")
     p.add_argument("--latency-events", type=int, default=3000,
                    help="throughput: events in the latency phase (at most ~30 s of them)")
-    p.add_argument("--partitions", type=int, default=4, help="batches: partitions the events are keyed over")
+    p.add_argument("--partitions", type=_at_least_one, default=4,
+                   help="throughput: partitions of the benchmark's topics; batches: partitions the events are keyed over")
     p.add_argument("--workers", type=_at_least_one, default=1,
                    help="throughput: worker processes in one consumer group, and as many raw pipe processes")
     p.add_argument("--batch-size", type=int, default=256, help="batches: events per batch (KSR_BATCH_SIZE)")
