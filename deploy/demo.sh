@@ -49,6 +49,14 @@ for _ in $(seq 60); do
   sleep 1
 done
 
+# Replay once Faust has finished its start (group join, table recovery): events produced before
+# that wait in Kafka, and the latency metric printed below would count the wait.
+for _ in $(seq 120); do
+  grep -qF "[^Worker]: Ready" "$demo/worker.log" && break
+  kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$demo/worker.log"; exit 1; }
+  sleep 1
+done
+
 events=${KSR_DEMO_EVENTS:-5000}
 # Each run replays the next slice of the data set: replaying the same event ids again would be
 # recognised as duplicates and change nothing.
