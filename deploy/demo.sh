@@ -43,16 +43,11 @@ export KSR_METRICS_PORT=${KSR_METRICS_PORT:-9464}
 echo "demo: starting the worker (log: $demo/worker.log)" >&2
 nohup $ksr worker --loglevel info >"$demo/worker.log" 2>&1 &
 echo $! >"$pidfile"
-for _ in $(seq 60); do
-  curl -sf "http://127.0.0.1:$KSR_METRICS_PORT/metrics" >/dev/null && break
-  kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$demo/worker.log"; exit 1; }
-  sleep 1
-done
-
-# Replay once Faust has finished its start (group join, table recovery): events produced before
-# that wait in Kafka, and the latency metric printed below would count the wait.
-for _ in $(seq 120); do
-  grep -qF "[^Worker]: Ready" "$demo/worker.log" && break
+# Wait for the metrics page and for Faust to finish its start (group join, table recovery):
+# events replayed before that wait in Kafka, and the latency metric printed below would count it.
+for _ in $(seq 180); do
+  curl -sf "http://127.0.0.1:$KSR_METRICS_PORT/metrics" >/dev/null &&
+    grep -qF "[^Worker]: Ready" "$demo/worker.log" && break
   kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -20 "$demo/worker.log"; exit 1; }
   sleep 1
 done
