@@ -232,9 +232,33 @@ def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_midd
     assert _agent_ms_per_event(samples[:2], 1000) is None
 
 
-def test_bench_throughput_refuses_fewer_than_one_worker_or_partition() -> None:
-    for option in ("--workers", "--partitions"):
-        for value in ("0", "two"):
-            result = subprocess.run([*KSR, "bench", "throughput", option, value, "--json"], cwd=REPO,
+def test_bench_refuses_counts_below_one_and_rates_or_timeouts_not_above_zero() -> None:
+    for bench, option, values in [
+        ("throughput", "--workers", ("0", "two")),
+        ("throughput", "--partitions", ("0", "two")),
+        ("throughput", "--events", ("0", "-5")),
+        ("throughput", "--latency-events", ("0",)),
+        ("throughput", "--latency-rate", ("0", "-1", "nan", "inf", "fast")),
+        ("throughput", "--timeout", ("0", "-1")),
+        ("batches", "--batch-size", ("0", "-1", "1.5")),
+        ("batches", "--events", ("0",)),
+        ("step", "--threads", ("0",)),
+        ("step", "--items", ("0",)),
+    ]:
+        for value in values:
+            result = subprocess.run([*KSR, "bench", bench, option, value, "--json"], cwd=REPO,
                                     capture_output=True, text=True, timeout=120, check=False)
             assert result.returncode == 2 and option in result.stderr and result.stdout == "", result.stderr
+
+
+def test_bench_functions_refuse_counts_below_one_from_library_callers() -> None:
+    from worker.bench import bench_throughput
+    from worker.bench_batches import bench_batches
+
+    # Refused before anything is loaded or any topic is made: no checkpoint or broker is needed.
+    for keyword in ("workers", "partitions", "events", "latency_events"):
+        with pytest.raises(ValueError, match=keyword.replace("_", "-") + " must be at least 1, not 0"):
+            bench_throughput(checkpoint="/nonexistent", **{keyword: 0})
+    for keyword in ("events", "partitions", "batch_size", "repeats"):
+        with pytest.raises(ValueError, match=keyword.replace("_", "-") + " must be at least 1, not 0"):
+            bench_batches(checkpoint="/nonexistent", **{keyword: 0})

@@ -473,8 +473,10 @@ def bench_throughput(
     """
     from model.data import load
 
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, not {workers}")
+    for name, value in (("workers", workers), ("partitions", partitions), ("events", events),
+                        ("latency-events", latency_events)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, not {value}")
     base = Settings.from_env()
     checkpoint = checkpoint or str(base.checkpoint)
     dataset = load(data)

@@ -119,6 +119,10 @@ def _freeze_like_the_worker() -> int:
 def bench_batches(checkpoint: str, data: str = "ml-100k", events: int = 20000, partitions: int = 4,
                   batch_size: int = 256, repeats: int = 3) -> dict:
     """Fetch-order batches against partition-share batches, `repeats` interleaved rounds; medians."""
+    for name, value in (("events", events), ("partitions", partitions), ("batch-size", batch_size),
+                        ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, not {value}")
     import torch
 
     from model import data as datasets

@@ -153,6 +153,17 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "step":
         from model.bench import bench_step
@@ -211,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--out", required=True, help="folder to write (NAME.inter, NAME.kg, NAME.link)")
     f.add_argument("--users", type=int, default=1_000_000, help="users; each has at least one event")
-    f.add_argument("--items", type=int, default=100_000, help="items; each has at least one event")
-    f.add_argument("--events", type=int, default=None, help="events (default: max(users, items))")
+    f.add_argument("--items", type=_at_least_one, default=100_000, help="items; each has at least one event")
+    f.add_argument("--events", type=_at_least_one, default=None, help="events (default: max(users, items))")
     f.add_argument("--seed", type=int, default=7, help="same seed, same bytes")
     f.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data)
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ce only: also penalise the probability of items the user already consumed, "
                         "weight -log(1 - P(seen)) by this (training only; 0 = off)")
     p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=_at_least_one, default=2)
     p.add_argument("--item-dim", type=int, default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--out-dim", type=int, default=64)
@@ -285,30 +296,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print the latest messages of the recommendations topic")
     p.add_argument("--topic", default=None, help="topic (default: $KSR_TOPIC_RECOMMENDATIONS)")
     p.add_argument("-n", type=int, default=5, help="how many of the latest messages")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for messages")
+    p.add_argument("--timeout", type=_positive, default=5.0, help="seconds to wait for messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     p.add_argument("bench", choices=["step", "throughput", "batches", "faults"])
-    p.add_argument("--events", type=int, default=20000, help="throughput: backlog size; batches: events run")
+    p.add_argument("--events", type=_at_least_one, default=20000, help="throughput: backlog size; batches: events run")
     p.add_argument("--checkpoint", default=None, help="time this checkpoint (default: ml-100k-sized KSR)")
-    p.add_argument("--threads", type=int, default=1, help="PyTorch threads (the worker uses 1)")
-    p.add_argument("--items", type=int, default=1682,
+    p.add_argument("--threads", type=_at_least_one, default=1, help="PyTorch threads (the worker uses 1)")
+    p.add_argument("--items", type=_at_least_one, default=1682,
                    help="step: catalog size of the random KSR timed when no --checkpoint is given")
     p.add_argument("--data", default="ml-100k", help="throughput, batches: events from ml-100k or a data folder "
                    "(e.g. from `ksr data synth`; the checkpoint must be trained on its catalog)")
-    p.add_argument("--timeout", type=float, default=600.0, help="throughput: seconds allowed per phase")
-    p.add_argument("--latency-rate", type=float, default=None,
+    p.add_argument("--timeout", type=_positive, default=600.0, help="throughput: seconds allowed per phase")
+    p.add_argument("--latency-rate", type=_positive, default=None,
                    help="throughput: feed the latency phase at this many events/s (default: half the worker's "
                    "saturated rate); a fixed rate compares builds whose saturated rates differ")
-    p.add_argument("--latency-events", type=int, default=3000,
+    p.add_argument("--latency-events", type=_at_least_one, default=3000,
                    help="throughput: events in the latency phase (at most ~30 s of them)")
     p.add_argument("--partitions", type=_at_least_one, default=4,
                    help="throughput: partitions of the benchmark's topics; batches: partitions the events are keyed over")
     p.add_argument("--workers", type=_at_least_one, default=1,
                    help="throughput: worker processes in one consumer group, and as many raw pipe processes")
-    p.add_argument("--batch-size", type=int, default=256, help="batches: events per batch (KSR_BATCH_SIZE)")
+    p.add_argument("--batch-size", type=_at_least_one, default=256, help="batches: events per batch (KSR_BATCH_SIZE)")
     p.add_argument("--profile", default=None, help="throughput: cProfile the worker into this file and "
                    "summarise it in the output (profiling slows the worker down)")
     p.add_argument("--json", action="store_true")
