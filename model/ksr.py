@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from model import kernels
 
 
 @dataclass(frozen=True)
@@ -247,21 +248,6 @@ class KSR(nn.Module):
         return state
 
     # ----------------------------------------------------------------------------- batch forward
-    def _gru(self, q: Tensor, lengths: Tensor, hidden: Tensor, packed: bool) -> Tensor:
-        """The GRU over right-padded inputs q (B, T, E) from hidden (B, H): outputs (B, T, H).
-
-        `packed` runs only the valid cells (a packed sequence: step t multiplies only the rows still
-        running), for the worker's batches, where a few long sessions pad many short users; padded
-        outputs are then zeros instead of the GRU run on over padding. Training keeps the padded
-        call: its batches group users of similar length.
-        """
-        h0 = hidden.unsqueeze(0).contiguous()
-        if not packed or q.shape[1] <= 1:
-            return self.gru(q, h0)[0]
-        packed_q = pack_padded_sequence(q, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed_q, h0)
-        return pad_packed_sequence(out, batch_first=True, total_length=q.shape[1])[0]
-
     def forward(
         self, items: Tensor, lengths: Tensor, state: UserState | None = None, serving: bool = False
     ) -> tuple[Tensor, Tensor, UserState]:
@@ -272,14 +258,17 @@ class KSR(nn.Module):
         the first item (None: users with no events). Returns user vectors after every position
         (B, T, O), read weights (B, T, A), and the final state of each user (after position
         length-1; a user of length 0 keeps `state`). Padded positions hold garbage; mask them.
-        `serving` (no autograd) runs the memory write's step loop in NumPy (`_write_steps_numpy`).
+        `serving` (no autograd, float32) runs the recurrence in a compiled kernel and the read
+        only at valid positions (`_serving_forward`); padded positions then hold zeros.
         """
         batch, steps = items.shape
         if state is None:
             state = self.initial_state(batch)
+        if serving and self.item_embedding.weight.dtype == torch.float32:
+            return self._serving_forward(items, lengths, state)
         q = self.embedding_dropout(self.item_embedding(items))  # (B, T, E)
         # Outputs at valid positions ignore later padding.
-        hiddens = self._gru(q, lengths, state.hidden, packed=serving)  # (B, T, H)
+        hiddens = self.gru(q, state.hidden.unsqueeze(0).contiguous())[0]  # (B, T, H)
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(batch, device=items.device)
         started = (lengths > 0).view(-1, 1)
@@ -294,17 +283,14 @@ class KSR(nn.Module):
         valid = torch.arange(steps, device=items.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         targets = self._write_targets(items)  # (B, T, A, D)
         writes = self.item_has_entity[items] & valid  # (B, T)
-        if serving:
-            memory_history = _write_steps_numpy(state.memory_values, targets, writes)
-        else:
-            memory_values = state.memory_values
-            history = []
-            for t in range(steps):
-                gate = torch.sigmoid((memory_values * targets[:, t]).sum(-1, keepdim=True))
-                written = (1 - gate) * memory_values + gate * targets[:, t]
-                memory_values = torch.where(writes[:, t].view(-1, 1, 1), written, memory_values)
-                history.append(memory_values)
-            memory_history = torch.stack(history, dim=1)  # (B, T, A, D)
+        memory_values = state.memory_values
+        history = []
+        for t in range(steps):
+            gate = torch.sigmoid((memory_values * targets[:, t]).sum(-1, keepdim=True))
+            written = (1 - gate) * memory_values + gate * targets[:, t]
+            memory_values = torch.where(writes[:, t].view(-1, 1, 1), written, memory_values)
+            history.append(memory_values)
+        memory_history = torch.stack(history, dim=1)  # (B, T, A, D)
         relation_hits = (self.item_relation_mask[items] & valid.unsqueeze(-1)).to(hiddens.dtype)  # (B, T, A)
         evidence_history = torch.maximum(
             torch.cummax(relation_hits, dim=1).values, state.evidence.unsqueeze(1)
@@ -317,28 +303,61 @@ class KSR(nn.Module):
         )
         return user, weights, final
 
+    def _serving_forward(self, items: Tensor, lengths: Tensor, state: UserState) -> tuple[Tensor, Tensor, UserState]:
+        """`forward` for the worker: the recurrence of every user's events in one compiled loop
+        (`model.kernels.serving_recurrence`), then the read, the fusion and the dropout-free user
+        vectors at the valid positions only (a batch's block is mostly padding: a few long sessions
+        beside many short ones)."""
+        c = self.config
+        batch, steps = items.shape
+        gru = self.gru
+        with torch.no_grad():
+            input_gates = F.linear(self.embedding_dropout(self.item_embedding(items)), gru.weight_ih_l0, gru.bias_ih_l0)
+            a = c.n_relations if c.memory else 0
+            if c.memory:
+                entity = self.item_entity_vectors[items]  # (B, T, D)
+                if self.write_transform is not None:
+                    entity = torch.tanh(self.write_transform(entity))
+                writes, relation_hits = self.item_has_entity[items], self.item_relation_mask[items]
+            else:
+                entity = items.new_zeros((batch, steps, 0), dtype=torch.float32)
+                writes = torch.zeros(batch, steps, dtype=torch.bool)
+                relation_hits = torch.zeros(batch, steps, 0, dtype=torch.bool)
+            d = entity.shape[-1]
+            hiddens = np.empty((batch, steps, c.hidden_dim), dtype=np.float32)
+            memory = np.empty((batch, steps, a, d), dtype=np.float32)
+            evidence = np.empty((batch, steps, a), dtype=np.float32)
+            kernels.serving_recurrence(
+                _numpy(state.hidden), _numpy(state.memory_values), _numpy(state.evidence),
+                _numpy(input_gates), _numpy(lengths.to(torch.int64)), _numpy(gru.weight_hh_l0.T),
+                _numpy(gru.bias_hh_l0), _numpy(entity), _numpy(writes), _numpy(relation_hits),
+                _numpy(self.relation_keys), hiddens, memory, evidence,
+            )
+            hiddens_t, memory_t, evidence_t = torch.from_numpy(hiddens), torch.from_numpy(memory), torch.from_numpy(evidence)
+            valid = (torch.arange(steps).unsqueeze(0) < lengths.unsqueeze(1)).view(-1)
+            cells = valid.nonzero().squeeze(1)  # the valid positions, row-major
+            user_cells, weight_cells = self._user_vector(
+                self.hidden_dropout(hiddens_t.view(-1, c.hidden_dim)[cells]),
+                memory_t.view(batch * steps, a, d)[cells], evidence_t.view(batch * steps, a)[cells],
+            )
+            user = user_cells.new_zeros(batch * steps, user_cells.shape[-1])
+            user[cells] = user_cells
+            weights = weight_cells.new_zeros(batch * steps, weight_cells.shape[-1])
+            weights[cells] = weight_cells
+            last = (lengths - 1).clamp(min=0)
+            rows = torch.arange(batch)
+            started = lengths > 0
+            final = UserState(
+                torch.where(started.view(-1, 1), hiddens_t[rows, last], state.hidden),
+                torch.where(started.view(-1, 1, 1), memory_t[rows, last], state.memory_values),
+                torch.where(started.view(-1, 1), evidence_t[rows, last], state.evidence),
+            )
+        return user.view(batch, steps, -1), weights.view(batch, steps, -1), final
 
-def _write_steps_numpy(memory_values: Tensor, targets: Tensor, writes: Tensor) -> Tensor:
-    """Equation (2) over T steps without autograd: memory_values (B, A, D), targets (B, T, A, D),
-    writes (B, T) -> the memory after every step (B, T, A, D).
 
-    The serving path (`forward(..., serving=True)`): the worker's batches hold a few users with many
-    events each, and each step is a handful of operations on a few kilobytes, where NumPy's per-call
-    cost is a fraction of PyTorch's (README, Speed). `v + z (t - v)` is
-    `(1 - z) v + z t`; a step without a write adds exactly zero. tests/test_ksr.py holds it to
-    `step` like the training path.
-    """
-    values = memory_values.detach().numpy()
-    targets_np = targets.detach().numpy()
-    gates_on = writes.numpy().astype(values.dtype)[..., None]  # (B, T, 1)
-    history = np.empty(targets_np.shape, dtype=values.dtype)
-    with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: gate 0, exact
-        for t in range(targets_np.shape[1]):
-            target = targets_np[:, t]
-            gate = gates_on[:, t] / (1.0 + np.exp(-(values * target).sum(-1)))  # z_a: (B, A)
-            values = values + gate[..., None] * (target - values)
-            history[:, t] = values
-    return torch.from_numpy(history)
+def _numpy(tensor: Tensor) -> np.ndarray:
+    """A C-contiguous NumPy view (or copy, when not contiguous) of a CPU tensor, for the kernel."""
+    return np.ascontiguousarray(tensor.detach().numpy())
 
 
 def sequence_loss(

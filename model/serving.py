@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from model import checkpoint as checkpoints
+from model import kernels
 from model.ksr import KSR, UserState
 
 # Ranking a large catalog (Recommender._top_k): items scored per block (a 256-event batch's block
@@ -41,7 +42,9 @@ class Recommendation:
 class Recommender:
     """A loaded KSR/GRU4Rec checkpoint, ready to step users and rank the catalog."""
 
-    def __init__(self, checkpoint: checkpoints.Checkpoint) -> None:
+    def __init__(self, checkpoint: checkpoints.Checkpoint, compiled: bool = True) -> None:
+        """`compiled`: `run` through the compiled recurrence (model/kernels.py); False runs PyTorch's
+        own batch forward (the training path, without autograd): the same results, slower."""
         if checkpoint.model is None:
             raise checkpoints.CheckpointError(
                 f"a {checkpoint.kind} checkpoint has no per-user state to stream: serve a ksr or "
@@ -58,13 +61,16 @@ class Recommender:
         self._relation_token_array = np.array(self.relation_tokens, dtype=object)
         with torch.no_grad():
             self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
+        self.compiled = compiled
+        if compiled:
+            kernels.warm()  # the worker's batch path (`run`) compiled before the first batch
         self.rank_block_items = RANK_BLOCK_ITEMS
         self.rank_direct_max_batch = RANK_DIRECT_MAX_BATCH
 
     @classmethod
-    def load(cls, directory: str | Path) -> Recommender:
+    def load(cls, directory: str | Path, compiled: bool = True) -> Recommender:
         """Load a checkpoint folder (raises CheckpointError with what to fix)."""
-        return cls(checkpoints.load(directory))
+        return cls(checkpoints.load(directory), compiled)
 
     @property
     def n_items(self) -> int:
@@ -116,7 +122,7 @@ class Recommender:
         Returns the user vectors (B, T, O) and read weights (B, T, A) after every event (rank them
         with `rank_vectors`) and the users' final states; the same as `step` event by event.
         """
-        return self.model(items, lengths, state, serving=True)
+        return self.model(items, lengths, state, serving=self.compiled)
 
     @torch.no_grad()
     def user_vectors(self, state: UserState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,11 +59,13 @@ def random_histories(seed: int) -> list[torch.Tensor]:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+# The training path in both precisions, and the worker's path (`serving=True`: the compiled
+# recurrence of model/kernels.py, float32 only; a float64 model serves through the training path).
+PATHS = [(torch.float32, False), (torch.float32, True), (torch.float64, False)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("dtype", "serving"), PATHS, ids=["float32-training", "float32-serving", "float64-training"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("serving", [False, True], ids=["torch-write", "numpy-write"])
 @torch.no_grad()
 def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype, serving: bool) -> None:
     model = make_model(dtype=dtype, **options)
@@ -90,9 +92,8 @@ def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype,
         torch.testing.assert_close(state.evidence[0], final.evidence[row])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("dtype", "serving"), PATHS, ids=["float32-training", "float32-serving", "float64-training"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("serving", [False, True], ids=["torch-write", "numpy-write"])
 @torch.no_grad()
 def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype: torch.dtype, serving: bool) -> None:
     """The worker runs a batch's several events per user as one forward from the users' stored
@@ -207,3 +208,41 @@ def test_hidden_dropout_reaches_scoring_but_never_the_carried_state() -> None:
     assert not torch.allclose(train_vectors, eval_vectors)
     for name in ("hidden", "memory_values", "evidence"):
         torch.testing.assert_close(getattr(train_final, name), getattr(eval_final, name))
+
+
+def test_the_kernel_tanh_is_within_4e_7_of_tanh() -> None:
+    """The compiled recurrence's tanh and sigmoid (model/kernels.py) over every float32 scale the
+    GRU meets, and far beyond it: within 4e-7 of the exact functions (float64)."""
+    import numba
+    import numpy as np
+
+    from model import kernels
+
+    @numba.njit
+    def both(x):
+        out = np.empty((2, x.shape[0]), dtype=np.float32)
+        for i in range(x.shape[0]):
+            out[0, i] = kernels.fast_tanh(x[i])
+            out[1, i] = kernels.fast_sigmoid(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-30, 30, 2_000_001, dtype=np.float32),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, np.inf, -np.inf], dtype=np.float32)])
+    tanh, sigmoid = both(x)
+    exact = x.astype(np.float64)
+    assert np.abs(tanh - np.tanh(exact)).max() < 4e-7
+    assert np.abs(sigmoid - 0.5 * (1 + np.tanh(exact / 2))).max() < 4e-7
+    assert tanh[-2] == tanh[-4] and tanh[-1] == tanh[-3] and tanh[-2] > 0.9999996  # saturates at +-1
+
+
+@torch.no_grad()
+def test_the_serving_path_keeps_a_memory_that_the_write_gate_shuts() -> None:
+    """A memory slot so far from an item's target that exp(-v . t) overflows: the gate is 0 and the
+    slot stays as it was, in the compiled write as in `step` (no NaN, no warning)."""
+    model = make_model()
+    state = model.initial_state(1)
+    state.memory_values[:] = -1e20 * model._write_targets(torch.tensor([4]))  # v_a . t_a = -1e20 |t_a|^2
+    stepped = model.step(state, torch.tensor([4]))
+    _, _, final = model(torch.tensor([[4]]), torch.tensor([1]), state, serving=True)
+    assert torch.equal(stepped.memory_values, state.memory_values)
+    assert torch.equal(final.memory_values, state.memory_values)

@@ -24,9 +24,10 @@ def _source(offset: int, user: str, item: str, event_id: str | None, partition: 
     return Source(user.encode(), json.dumps(value).encode(), "interactions", partition, offset, 0.0)
 
 
-@pytest.fixture(scope="module")
-def recommender(small_checkpoint) -> Recommender:
-    return Recommender.load(small_checkpoint)
+@pytest.fixture(scope="module", params=[True, False], ids=["compiled", "torch"])
+def recommender(small_checkpoint, request) -> Recommender:
+    """Both serving kernels (KSR_SERVING_KERNEL): the compiled recurrence and PyTorch's forward."""
+    return Recommender.load(small_checkpoint, compiled=request.param)
 
 
 @torch.no_grad()

@@ -242,6 +242,27 @@ def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, 
         assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
 
 
+def test_the_pytorch_serving_kernel_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:
+    """KSR_SERVING_KERNEL=torch: each batch's recurrence through PyTorch's own forward instead of
+    the compiled loop of model/kernels.py (the default the other tests run). The same events get
+    the same recommendations, their scores within rounding."""
+    count = 400
+    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", KSR_SERVING_KERNEL="torch")
+    answers = answers_of_a_fresh_worker(env, tmp_path / "worker.log", bootstrap, count, timeout=180)
+    direct = {m["event_id"]: m for m in replayed}
+    for message in answers:
+        assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
+        assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
+
+
+def test_a_serving_kernel_that_does_not_exist_is_refused(monkeypatch) -> None:
+    from worker.config import ConfigError, Settings
+
+    monkeypatch.setenv("KSR_SERVING_KERNEL", "numpy")
+    with pytest.raises(ConfigError, match="KSR_SERVING_KERNEL must be one of compiled, torch"):
+        Settings.from_env()
+
+
 def committed_count(bootstrap: str, topic: str, seconds: float) -> int:
     """How many messages of `topic` a read_committed consumer reads in `seconds`."""
     from kafka import KafkaConsumer

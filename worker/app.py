@@ -561,7 +561,8 @@ class Worker:
                 if version <= current:
                     continue
                 try:
-                    recommender = await asyncio.to_thread(Recommender.load, path)
+                    recommender = await asyncio.to_thread(
+                        Recommender.load, path, self.settings.serving_kernel == "compiled")
                 except CheckpointError as error:
                     log.error("model v%s at %s failed to load; still serving v%s: %s", version, path,
                               current, error)
@@ -885,7 +886,7 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
         settings = _replace(settings, checkpoint=checkpoint)
     torch.set_num_threads(int(__import__("os").environ.get("KSR_TORCH_THREADS", "1")))
     try:
-        recommender = Recommender.load(settings.checkpoint)
+        recommender = Recommender.load(settings.checkpoint, settings.serving_kernel == "compiled")
     except CheckpointError as error:
         print(f"ksr worker: cannot serve {settings.checkpoint}: {error}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ class Settings:
     start_timeout_s: float
     session_timeout_s: float
     state_precision: str
+    serving_kernel: str
     kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
 
     @classmethod
@@ -128,6 +129,7 @@ class Settings:
             start_timeout_s=_positive_float("KSR_START_TIMEOUT_S", 120.0),
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
+            serving_kernel=_choice("KSR_SERVING_KERNEL", "compiled", ("compiled", "torch")),
             kafka_security=kafka_security_from_env(),
         )
 

@@ -1,0 +1,128 @@
+"""The serving path's recurrence, compiled: equations (1) and (2) of `model/ksr.py` for a block of users.
+
+The worker runs each batch as a (users x steps) block (`KSR.forward(..., serving=True)`): a handful
+of users with dozens of events each, so a step is a few rows. PyTorch pays its per-operation cost
+(dispatch, allocation) on every one of the GRU's and the memory write's dozen operations per step,
+which for rows this small is most of the time (README, Speed). This kernel runs each user's events
+in one compiled loop instead: the GRU cell, the gated memory write and the evidence, cell by cell,
+without any per-step allocation. Training keeps PyTorch (autograd); `tests/test_ksr.py` holds this
+path to `KSR.step` like the training path.
+
+The GRU's tanh and sigmoid use a rational approximation (the one Eigen uses for float tanh), which
+the compiler can vectorise; its absolute error is below 4e-7 over all float32 inputs, against the
+1e-5 to which the serving path is tested (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+# tanh(x) ~ x * P(x^2) / Q(x^2) on [-TANH_CLAMP, TANH_CLAMP], where float32 tanh is within 3e-7 of +-1.
+TANH_CLAMP = np.float32(7.90531110763549805)
+_P = tuple(np.float32(c) for c in (
+    -2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+    1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03,
+))
+_Q = tuple(np.float32(c) for c in (
+    1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03,
+))
+
+
+@numba.njit(cache=True, inline="always")
+def fast_tanh(x: float) -> float:
+    """tanh of a float32, as a rational function (vectorisable; see the module's docstring)."""
+    x = min(max(x, -TANH_CLAMP), TANH_CLAMP)
+    x2 = x * x
+    p = _P[0]
+    p = p * x2 + _P[1]
+    p = p * x2 + _P[2]
+    p = p * x2 + _P[3]
+    p = p * x2 + _P[4]
+    p = p * x2 + _P[5]
+    p = p * x2 + _P[6]
+    q = _Q[0]
+    q = q * x2 + _Q[1]
+    q = q * x2 + _Q[2]
+    q = q * x2 + _Q[3]
+    return x * p / q
+
+
+@numba.njit(cache=True, inline="always")
+def fast_sigmoid(x: float) -> float:
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2."""
+    half = np.float32(0.5)
+    return half + half * fast_tanh(half * x)
+
+
+@numba.njit(cache=True, nogil=True)
+def serving_recurrence(
+    hidden0, memory0, evidence0, input_gates, lengths, weight_hh_t, bias_hh,
+    entity, writes, relation_hits, relation_keys, hiddens, memory, evidence,
+):
+    """Run every user's events through the GRU and the memory write, writing each valid cell.
+
+    hidden0 (B, H), memory0 (B, A, D), evidence0 (B, A): the users' states before the block.
+    input_gates (B, T, 3H): W_ih q + b_ih for every cell (one matrix product, done by PyTorch).
+    lengths (B,): events per user; cells at t >= lengths[b] are neither read nor written.
+    weight_hh_t (H, 3H): the GRU's W_hh transposed; bias_hh (3H,); gates in PyTorch's order r, z, n.
+    entity (B, T, D): e_i of each cell's item (after the write transform, if any); writes (B, T):
+    the item has a KB entity; relation_hits (B, T, A): its entity heads a triple of relation a;
+    relation_keys (A, D). Outputs, filled at valid cells only: hiddens (B, T, H), memory
+    (B, T, A, D), evidence (B, T, A): each user's state after each of its events.
+    """
+    batch, size = hidden0.shape
+    relations, dims = relation_keys.shape
+    gates = np.empty(3 * size, dtype=np.float32)
+    h = np.empty(size, dtype=np.float32)
+    v = np.empty((relations, dims), dtype=np.float32)
+    e = np.empty(relations, dtype=np.float32)
+    target = np.empty(dims, dtype=np.float32)
+    for b in range(batch):
+        h[:] = hidden0[b]
+        v[:, :] = memory0[b]
+        e[:] = evidence0[b]
+        for t in range(lengths[b]):
+            # (1): W_hh h + b_hh, as rows of W_hh^T scaled by h's entries (vectorises without
+            # reassociating any sum), then the gates.
+            gates[:] = bias_hh
+            for k in range(size):
+                hk = h[k]
+                for j in range(3 * size):
+                    gates[j] += weight_hh_t[k, j] * hk
+            x = input_gates[b, t]
+            for j in range(size):
+                r = fast_sigmoid(x[j] + gates[j])
+                z = fast_sigmoid(x[size + j] + gates[size + j])
+                n = fast_tanh(x[2 * size + j] + r * gates[2 * size + j])
+                h[j] = n + z * (h[j] - n)  # (1 - z) n + z h
+            hiddens[b, t] = h
+            # (2): t_a = e_i + r_a; z_a = sigmoid(v_a . t_a); v_a <- v_a + z_a (t_a - v_a).
+            if writes[b, t]:
+                for a in range(relations):
+                    dot = np.float32(0.0)
+                    for d in range(dims):
+                        target[d] = entity[b, t, d] + relation_keys[a, d]
+                        dot += v[a, d] * target[d]
+                    gate = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-dot)))
+                    for d in range(dims):
+                        v[a, d] += gate * (target[d] - v[a, d])
+            memory[b, t] = v
+            for a in range(relations):
+                if relation_hits[b, t, a]:
+                    e[a] = max(e[a], np.float32(1.0))
+            evidence[b, t] = e
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) `serving_recurrence` for the types the worker passes,
+    so that a fresh process does not spend its first batch compiling (seconds, once per checkout)."""
+    f32 = np.float32
+    serving_recurrence(
+        np.zeros((1, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32), np.zeros((1, 1, 3), f32),
+        np.ones(1, np.int64), np.zeros((1, 3), f32), np.zeros(3, f32), np.zeros((1, 1, 1), f32),
+        np.ones((1, 1), np.bool_), np.ones((1, 1, 1), np.bool_), np.zeros((1, 1), f32),
+        np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32),
+    )
