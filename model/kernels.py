@@ -117,7 +117,7 @@ def serving_recurrence(
 
 
 def warm() -> None:
-    """Compile (or load from numba's cache) `serving_recurrence` for the types the worker passes,
+    """Compile (or load from numba's cache) the kernels for the types the worker passes,
     so that a fresh process does not spend its first batch compiling (seconds, once per checkout)."""
     f32 = np.float32
     serving_recurrence(
@@ -126,3 +126,39 @@ def warm() -> None:
         np.ones((1, 1), np.bool_), np.ones((1, 1, 1), np.bool_), np.zeros((1, 1), f32),
         np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32),
     )
+    top_k_unseen(np.zeros((1, 2), f32), np.zeros(2, np.int64), np.zeros(0, np.int64), 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def top_k_unseen(scores, seen_starts, seen_items, k):
+    """The k best items of each row of `scores` (B, N), best first, leaving out item 0 (padding)
+    and row b's seen items `seen_items[seen_starts[b]:seen_starts[b + 1]]`.
+
+    Overwrites those entries of `scores` with -inf. Returns scores (B, k) and item indices (B, k);
+    a row with fewer than k items left ends in -inf scores (item 0). Of equal scores the lower
+    item index ranks first. One pass over each row with a running k-th best: most entries cost one
+    comparison, instead of a top-k over the whole matrix and a scatter of the seen items before it.
+    """
+    batch, n = scores.shape
+    top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
+    top_items = np.zeros((batch, k), dtype=np.int64)
+    for b in range(batch):
+        row = scores[b]
+        row[0] = -np.inf
+        for s in range(seen_starts[b], seen_starts[b + 1]):
+            row[seen_items[s]] = -np.inf
+        best = top_scores[b]
+        items = top_items[b]
+        threshold = best[k - 1]
+        for j in range(1, n):
+            value = row[j]
+            if value > threshold:
+                at = k - 1
+                while at > 0 and best[at - 1] < value:
+                    best[at] = best[at - 1]
+                    items[at] = items[at - 1]
+                    at -= 1
+                best[at] = value
+                items[at] = j
+                threshold = best[k - 1]
+    return top_scores, top_items

@@ -174,7 +174,8 @@ class Recommender:
         """The k best scores and their item indices per row (B, k), seen items and padding excluded.
 
         A catalog of one block (`rank_block_items`; ml-100k's is), or a batch of at most
-        `rank_direct_max_batch` users, is scored at once. Otherwise the catalog
+        `rank_direct_max_batch` users, is scored at once and each row ranked by one pass of
+        `kernels.top_k_unseen`, which skips the seen items as it goes. Otherwise the catalog
         is scored block by block, keeping only each group of RANK_GROUP_ITEMS consecutive items'
         best score; the k best items can only lie in the k groups with the best maxima (those k
         groups hold k items at least as good as the k-th best group maximum), so only those
@@ -183,15 +184,16 @@ class Recommender:
         items) or a top-k pass over it (`ksr bench step --items 100000` times both).
         """
         lengths = [len(s) for s in seen]
-        rows = np.repeat(np.arange(len(seen)), lengths)
-        cols = np.concatenate(seen).astype(np.int64) if len(rows) else rows
+        cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
-            scores = user_vectors @ self.item_vectors.T  # (B, N)
-            scores[:, 0] = float("-inf")  # padding
-            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
-            return torch.topk(scores, k, dim=1)
+            scores = user_vectors @ self.item_vectors.T  # (B, N), a fresh matrix the kernel may overwrite
+            starts = np.zeros(batch + 1, dtype=np.int64)
+            np.cumsum(lengths, out=starts[1:])
+            top_scores, top_items = kernels.top_k_unseen(scores.numpy(), starts, cols, k)
+            return torch.from_numpy(top_scores), torch.from_numpy(top_items)
 
+        rows = np.repeat(np.arange(len(seen)), lengths)
         # Seen items sorted by item, so that each block takes one slice of them.
         order = np.argsort(cols, kind="stable")
         rows, cols = torch.from_numpy(rows[order]), torch.from_numpy(cols[order])

@@ -246,3 +246,33 @@ def test_the_serving_path_keeps_a_memory_that_the_write_gate_shuts() -> None:
     _, _, final = model(torch.tensor([[4]]), torch.tensor([1]), state, serving=True)
     assert torch.equal(stepped.memory_values, state.memory_values)
     assert torch.equal(final.memory_values, state.memory_values)
+
+
+def test_the_ranking_kernel_is_torch_topk_without_the_seen_items() -> None:
+    """model/kernels.py's top_k_unseen against torch.topk over a masked copy: random rows, rows
+    whose seen items leave fewer than k, a row with every item seen, and tied scores."""
+    import numpy as np
+
+    from model import kernels
+
+    generator = np.random.default_rng(7)
+    n, k = 60, 10
+    scores = generator.standard_normal((8, n)).astype(np.float32)
+    scores[5, 10:20] = 4.0  # ties above every other score: the lower item index first
+    seen = [generator.choice(np.arange(1, n), size=size, replace=False) for size in (0, 5, 30, 50, 55, 3, 59, 0)]
+    starts = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
+    masked = torch.from_numpy(scores.copy())
+    masked[:, 0] = float("-inf")
+    for row, items in enumerate(seen):
+        masked[row, torch.from_numpy(items)] = float("-inf")
+    top_scores, top_items = kernels.top_k_unseen(scores.copy(), starts, np.concatenate(seen).astype(np.int64), k)
+    expected_scores, _ = torch.topk(masked, k, dim=1)
+    assert np.array_equal(top_scores, expected_scores.numpy())
+    for row in range(len(seen)):
+        finite = np.isfinite(top_scores[row])
+        assert finite.sum() == min(k, n - 1 - len(seen[row]))
+        assert not set(top_items[row][finite]) & {0, *seen[row].tolist()}
+        assert np.array_equal(masked[row, top_items[row][finite]].numpy(), top_scores[row][finite])
+        assert np.all(top_items[row][~finite] == 0)
+    tied = [i for i, s in zip(top_items[5], top_scores[5]) if s == np.float32(4.0)]
+    assert tied == [i for i in range(10, 20) if i not in seen[5]]
