@@ -20,6 +20,11 @@ import math
 import numba
 import numpy as np
 
+# Floating-point licences for the compiled loops: reassociate sums (vectorised dot products), fuse
+# multiply-adds, divide by reciprocals, ignore the sign of zero; never assume away inf or NaN (an
+# overflowing exp in the write gate is meant to give gate 0).
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-TANH_CLAMP, TANH_CLAMP], where float32 tanh is within 3e-7 of +-1.
 TANH_CLAMP = np.float32(7.90531110763549805)
 _P = tuple(np.float32(c) for c in (
@@ -31,7 +36,7 @@ _Q = tuple(np.float32(c) for c in (
 ))
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", fastmath=FASTMATH)
 def fast_tanh(x: float) -> float:
     """tanh of a float32, as a rational function (vectorisable; see the module's docstring)."""
     x = min(max(x, -TANH_CLAMP), TANH_CLAMP)
@@ -50,14 +55,14 @@ def fast_tanh(x: float) -> float:
     return x * p / q
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", fastmath=FASTMATH)
 def fast_sigmoid(x: float) -> float:
     """sigmoid(x) = (1 + tanh(x / 2)) / 2."""
     half = np.float32(0.5)
     return half + half * fast_tanh(half * x)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def serving_recurrence(
     hidden0, memory0, evidence0, input_gates, lengths, weight_hh_t, bias_hh,
     entity, writes, relation_hits, relation_keys, hiddens, memory, evidence,
@@ -93,11 +98,13 @@ def serving_recurrence(
                 for j in range(3 * size):
                     gates[j] += weight_hh_t[k, j] * hk
             x = input_gates[b, t]
+            for j in range(2 * size):  # r, then z: three plain loops, each vectorised
+                gates[j] = fast_sigmoid(x[j] + gates[j])
+            for j in range(size):  # n = tanh(x_n + r * (W_hn h + b_hn))
+                gates[2 * size + j] = fast_tanh(x[2 * size + j] + gates[j] * gates[2 * size + j])
             for j in range(size):
-                r = fast_sigmoid(x[j] + gates[j])
-                z = fast_sigmoid(x[size + j] + gates[size + j])
-                n = fast_tanh(x[2 * size + j] + r * gates[2 * size + j])
-                h[j] = n + z * (h[j] - n)  # (1 - z) n + z h
+                n = gates[2 * size + j]
+                h[j] = n + gates[size + j] * (h[j] - n)  # (1 - z) n + z h
             hiddens[b, t] = h
             # (2): t_a = e_i + r_a; z_a = sigmoid(v_a . t_a); v_a <- v_a + z_a (t_a - v_a).
             if writes[b, t]:

@@ -218,7 +218,7 @@ def test_the_kernel_tanh_is_within_4e_7_of_tanh() -> None:
 
     from model import kernels
 
-    @numba.njit
+    @numba.njit(fastmath=kernels.FASTMATH)  # the licences of the loops that inline them
     def both(x):
         out = np.empty((2, x.shape[0]), dtype=np.float32)
         for i in range(x.shape[0]):
