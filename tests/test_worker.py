@@ -229,25 +229,19 @@ def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, 
     return answers
 
 
-def test_fausts_own_stream_delivery_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:
-    """KSR_FAST_DELIVERY=0: Faust's stream delivers the events one at a time, instead of whole
-    fetches handed to the agent (worker.delivery, the default the other tests run). The same
-    events get the same recommendations."""
-    count = 400
-    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", KSR_FAST_DELIVERY="0")
-    answers = answers_of_a_fresh_worker(env, tmp_path / "worker.log", bootstrap, count, timeout=180)
-    direct = {m["event_id"]: m for m in replayed}
-    for message in answers:
-        assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
-        assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
+@pytest.mark.parametrize(("variable", "value"), [("KSR_FAST_DELIVERY", "0"), ("KSR_SERVING_KERNEL", "torch")])
+def test_the_other_delivery_and_serving_paths_give_the_same_answers(
+    tmp_path, bootstrap, small_checkpoint, replayed, variable, value
+) -> None:
+    """The defaults the other tests run have an alternative each; the same events get the same
+    recommendations (scores within rounding) through it.
 
-
-def test_the_pytorch_serving_kernel_gives_the_same_answers(tmp_path, bootstrap, small_checkpoint, replayed) -> None:
-    """KSR_SERVING_KERNEL=torch: each batch's recurrence through PyTorch's own forward instead of
-    the compiled loop of model/kernels.py (the default the other tests run). The same events get
-    the same recommendations, their scores within rounding."""
+    KSR_FAST_DELIVERY=0: Faust's stream delivers the events one at a time, instead of whole fetches
+    handed to the agent (worker.delivery). KSR_SERVING_KERNEL=torch: each batch's recurrence runs
+    through PyTorch's own forward instead of the compiled loop of model/kernels.py.
+    """
     count = 400
-    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", KSR_SERVING_KERNEL="torch")
+    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", **{variable: value})
     answers = answers_of_a_fresh_worker(env, tmp_path / "worker.log", bootstrap, count, timeout=180)
     direct = {m["event_id"]: m for m in replayed}
     for message in answers:
