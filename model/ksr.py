@@ -32,8 +32,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model import kernels
-
 
 @dataclass(frozen=True)
 class KSRConfig:
@@ -308,6 +306,8 @@ class KSR(nn.Module):
         (`model.kernels.serving_recurrence`), then the read, the fusion and the dropout-free user
         vectors at the valid positions only (a batch's block is mostly padding: a few long sessions
         beside many short ones)."""
+        from model import kernels  # numba: imported by the serving path only, never by training
+
         c = self.config
         batch, steps = items.shape
         gru = self.gru

@@ -18,7 +18,6 @@ import torch
 from torch.nn import functional as F
 
 from model import checkpoint as checkpoints
-from model import kernels
 from model.ksr import KSR, UserState
 
 # Ranking a large catalog (Recommender._top_k): items scored per block (a 256-event batch's block
@@ -63,6 +62,8 @@ class Recommender:
             self.item_vectors = self.model.item_vectors()  # (N, O), built once per model
         self.compiled = compiled
         if compiled:
+            from model import kernels  # numba, only when serving through it
+
             kernels.warm()  # the worker's batch path (`run`) compiled before the first batch
         self.rank_block_items = RANK_BLOCK_ITEMS
         self.rank_direct_max_batch = RANK_DIRECT_MAX_BATCH
@@ -175,7 +176,8 @@ class Recommender:
 
         A catalog of one block (`rank_block_items`; ml-100k's is), or a batch of at most
         `rank_direct_max_batch` users, is scored at once and each row ranked by one pass of
-        `kernels.top_k_unseen`, which skips the seen items as it goes. Otherwise the catalog
+        `kernels.top_k_unseen`, which skips the seen items as it goes (`torch.topk` after masking
+        them, when not `compiled`). Otherwise the catalog
         is scored block by block, keeping only each group of RANK_GROUP_ITEMS consecutive items'
         best score; the k best items can only lie in the k groups with the best maxima (those k
         groups hold k items at least as good as the k-th best group maximum), so only those
@@ -188,10 +190,17 @@ class Recommender:
         n, batch = self.n_items, user_vectors.shape[0]
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
             scores = user_vectors @ self.item_vectors.T  # (B, N), a fresh matrix the kernel may overwrite
-            starts = np.zeros(batch + 1, dtype=np.int64)
-            np.cumsum(lengths, out=starts[1:])
-            top_scores, top_items = kernels.top_k_unseen(scores.numpy(), starts, cols, k)
-            return torch.from_numpy(top_scores), torch.from_numpy(top_items)
+            if self.compiled:
+                from model import kernels
+
+                starts = np.zeros(batch + 1, dtype=np.int64)
+                np.cumsum(lengths, out=starts[1:])
+                top_scores, top_items = kernels.top_k_unseen(scores.numpy(), starts, cols, k)
+                return torch.from_numpy(top_scores), torch.from_numpy(top_items)
+            rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
+            scores[:, 0] = float("-inf")  # padding
+            scores[rows, torch.from_numpy(cols)] = float("-inf")
+            return torch.topk(scores, k, dim=1)
 
         rows = np.repeat(np.arange(len(seen)), lengths)
         # Seen items sorted by item, so that each block takes one slice of them.

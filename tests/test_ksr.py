@@ -276,3 +276,22 @@ def test_the_ranking_kernel_is_torch_topk_without_the_seen_items() -> None:
         assert np.all(top_items[row][~finite] == 0)
     tied = [i for i, s in zip(top_items[5], top_scores[5]) if s == np.float32(4.0)]
     assert tied == [i for i in range(10, 20) if i not in seen[5]]
+
+
+def test_training_and_the_pytorch_serving_kernel_do_not_need_numba(small_checkpoint) -> None:
+    """numba is imported by the compiled serving path only: training, evaluation and a Recommender
+    with `compiled=False` (KSR_SERVING_KERNEL=torch) run where numba cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # any `import numba` now raises ImportError
+        "import torch, model.train, model.evaluate\n"
+        "from model.serving import Recommender\n"
+        f"r = Recommender.load({str(small_checkpoint)!r}, compiled=False)\n"
+        "state, items = r.initial_state(2), torch.tensor([[1, 2], [3, 0]])\n"
+        "vectors, weights, final = r.run(state, items, torch.tensor([2, 1]))\n"
+        "print(len(r.rank_vectors(vectors[:, 0], weights[:, 0], [[1], [3]], 5)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]
