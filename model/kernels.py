@@ -1,4 +1,5 @@
-"""The serving path's recurrence, compiled: equations (1) and (2) of `model/ksr.py` for a block of users.
+"""The serving path's loops, compiled: the recurrence (equations (1) and (2) of `model/ksr.py`) for a
+block of users, and the ranking of a small catalog minus each user's seen items.
 
 The worker runs each batch as a (users x steps) block (`KSR.forward(..., serving=True)`): a handful
 of users with dozens of events each, so a step is a few rows. PyTorch pays its per-operation cost
@@ -9,8 +10,15 @@ without any per-step allocation. Training keeps PyTorch (autograd); `tests/test_
 path to `KSR.step` like the training path.
 
 The GRU's tanh and sigmoid use a rational approximation (the one Eigen uses for float tanh), which
-the compiler can vectorise; its absolute error is below 4e-7 over all float32 inputs, against the
-1e-5 to which the serving path is tested (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
+the compiler can vectorise; its absolute error is below 4e-7 (tested on a dense grid over [-30, 30],
+beyond which it is clamped, and at the extremes), against the 1e-5 to which the serving path is
+held (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
+
+`top_k_unseen` ranks a catalog scored at once (ml-100k's) in one pass per row, skipping the seen
+items as it goes (`Recommender._top_k`).
+
+numba compiles these once per checkout (a few seconds) and caches them next to this file;
+`warm()` does it before the worker's first batch. Only the serving path imports this module.
 """
 
 from __future__ import annotations
