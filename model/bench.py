@@ -84,6 +84,24 @@ def bench_step(
         result[f"rank_ms_per_event_{name}"] = round(seconds / largest * 1000, 4)
     recommender.rank_block_items = RANK_BLOCK_ITEMS
 
+    # A batch's forward (`Recommender.run`, what the worker calls) on blocks of three shapes, with
+    # both serving kernels: many users with one event each, a full block of a few events each, and
+    # a session-shaped block (a few users with many events, most of it padding, as ml-100k's
+    # time-ordered replay gives). Microseconds per event.
+    plain = Recommender(recommender.checkpoint, compiled=False)
+    shapes = {"256x1": [1] * 256, "64x4": [4] * 64, "sessions_10x63": [63, 40, 30, 20, 10, 5, 3, 2, 1, 1]}
+    result["run_us_per_event"] = {}
+    for name, lengths in shapes.items():
+        lengths_t = torch.tensor(lengths)
+        items = torch.randint(1, catalog, (len(lengths), max(lengths)), generator=generator)
+        items[torch.arange(max(lengths)).unsqueeze(0) >= lengths_t.unsqueeze(1)] = 0
+        state = recommender.model.replay(torch.randint(1, catalog, (len(lengths), 20), generator=generator))
+        figures = {}
+        for kernel, serving in (("compiled", recommender), ("torch", plain)):
+            seconds = _median_seconds(lambda r=serving, s=state, i=items, n=lengths_t: r.run(s, i, n), repeats)
+            figures[kernel] = round(seconds / sum(lengths) * 1e6, 2)
+        result["run_us_per_event"][name] = figures
+
     long_history = torch.randint(1, catalog, (1, history), generator=generator)
     seen_long = long_history.tolist()
 

@@ -73,7 +73,7 @@ def fast_sigmoid(x: float) -> float:
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def serving_recurrence(
     hidden0, memory0, evidence0, input_gates, lengths, weight_hh_t, bias_hh,
-    entity, writes, relation_hits, relation_keys, hiddens, memory, evidence,
+    entity, writes, relation_hits, relation_keys, hiddens, memory, evidence, run_gru,
 ):
     """Run every user's events through the GRU and the memory write, writing each valid cell.
 
@@ -98,22 +98,23 @@ def serving_recurrence(
         v[:, :] = memory0[b]
         e[:] = evidence0[b]
         for t in range(lengths[b]):
-            # (1): W_hh h + b_hh, as rows of W_hh^T scaled by h's entries (vectorises without
-            # reassociating any sum), then the gates.
-            gates[:] = bias_hh
-            for k in range(size):
-                hk = h[k]
-                for j in range(3 * size):
-                    gates[j] += weight_hh_t[k, j] * hk
-            x = input_gates[b, t]
-            for j in range(2 * size):  # r, then z: three plain loops, each vectorised
-                gates[j] = fast_sigmoid(x[j] + gates[j])
-            for j in range(size):  # n = tanh(x_n + r * (W_hn h + b_hn))
-                gates[2 * size + j] = fast_tanh(x[2 * size + j] + gates[j] * gates[2 * size + j])
-            for j in range(size):
-                n = gates[2 * size + j]
-                h[j] = n + gates[size + j] * (h[j] - n)  # (1 - z) n + z h
-            hiddens[b, t] = h
+            if run_gru:
+                # (1): W_hh h + b_hh, as rows of W_hh^T scaled by h's entries (vectorises without
+                # reassociating any sum), then the gates.
+                gates[:] = bias_hh
+                for k in range(size):
+                    hk = h[k]
+                    for j in range(3 * size):
+                        gates[j] += weight_hh_t[k, j] * hk
+                x = input_gates[b, t]
+                for j in range(2 * size):  # r, then z: three plain loops, each vectorised
+                    gates[j] = fast_sigmoid(x[j] + gates[j])
+                for j in range(size):  # n = tanh(x_n + r * (W_hn h + b_hn))
+                    gates[2 * size + j] = fast_tanh(x[2 * size + j] + gates[j] * gates[2 * size + j])
+                for j in range(size):
+                    n = gates[2 * size + j]
+                    h[j] = n + gates[size + j] * (h[j] - n)  # (1 - z) n + z h
+                hiddens[b, t] = h
             # (2): t_a = e_i + r_a; z_a = sigmoid(v_a . t_a); v_a <- v_a + z_a (t_a - v_a).
             if writes[b, t]:
                 for a in range(relations):
@@ -139,7 +140,7 @@ def warm() -> None:
         np.zeros((1, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32), np.zeros((1, 1, 3), f32),
         np.ones(1, np.int64), np.zeros((1, 3), f32), np.zeros(3, f32), np.zeros((1, 1, 1), f32),
         np.ones((1, 1), np.bool_), np.ones((1, 1, 1), np.bool_), np.zeros((1, 1), f32),
-        np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32),
+        np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32), True,
     )
     top_k_unseen(np.zeros((1, 2), f32), np.zeros(2, np.int64), np.zeros(0, np.int64), 1)
 

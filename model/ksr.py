@@ -32,6 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+# The serving forward runs the GRU of a wide, full block (at least this many users, and at least
+# this share of its cells real events, not padding) with PyTorch's batched products over the padded
+# block; any other block cell by cell in the compiled loop (model/kernels.py; README, Speed).
+SERVING_BATCHED_GRU_MIN_USERS = 32
+SERVING_BATCHED_GRU_MIN_FILL = 0.75
+
 
 @dataclass(frozen=True)
 class KSRConfig:
@@ -311,8 +317,18 @@ class KSR(nn.Module):
         c = self.config
         batch, steps = items.shape
         gru = self.gru
+        # A wide, full block (many users, a few steps each) runs the GRU faster as PyTorch's
+        # batched products; one padded by a few long sessions faster cell by cell in the kernel.
+        run_gru = not (batch >= SERVING_BATCHED_GRU_MIN_USERS
+                       and int(lengths.sum()) >= SERVING_BATCHED_GRU_MIN_FILL * batch * steps)
         with torch.no_grad():
-            input_gates = F.linear(self.embedding_dropout(self.item_embedding(items)), gru.weight_ih_l0, gru.bias_ih_l0)
+            q = self.embedding_dropout(self.item_embedding(items))
+            if run_gru:
+                input_gates = _numpy(F.linear(q, gru.weight_ih_l0, gru.bias_ih_l0))
+                hiddens = np.empty((batch, steps, c.hidden_dim), dtype=np.float32)
+            else:
+                input_gates = np.empty((batch, steps, 0), dtype=np.float32)  # not read
+                hiddens = _numpy(self.gru(q, state.hidden.unsqueeze(0).contiguous())[0])
             a = c.n_relations if c.memory else 0
             if c.memory:
                 entity = self.item_entity_vectors[items]  # (B, T, D)
@@ -324,14 +340,13 @@ class KSR(nn.Module):
                 writes = torch.zeros(batch, steps, dtype=torch.bool)
                 relation_hits = torch.zeros(batch, steps, 0, dtype=torch.bool)
             d = entity.shape[-1]
-            hiddens = np.empty((batch, steps, c.hidden_dim), dtype=np.float32)
             memory = np.empty((batch, steps, a, d), dtype=np.float32)
             evidence = np.empty((batch, steps, a), dtype=np.float32)
             kernels.serving_recurrence(
                 _numpy(state.hidden), _numpy(state.memory_values), _numpy(state.evidence),
-                _numpy(input_gates), _numpy(lengths.to(torch.int64)), _numpy(gru.weight_hh_l0.T),
+                input_gates, _numpy(lengths.to(torch.int64)), _numpy(gru.weight_hh_l0.T),
                 _numpy(gru.bias_hh_l0), _numpy(entity), _numpy(writes), _numpy(relation_hits),
-                _numpy(self.relation_keys), hiddens, memory, evidence,
+                _numpy(self.relation_keys), hiddens, memory, evidence, run_gru,
             )
             hiddens_t, memory_t, evidence_t = torch.from_numpy(hiddens), torch.from_numpy(memory), torch.from_numpy(evidence)
             valid = (torch.arange(steps).unsqueeze(0) < lengths.unsqueeze(1)).view(-1)

@@ -295,3 +295,34 @@ def test_training_and_the_pytorch_serving_kernel_do_not_need_numba(small_checkpo
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[-1], {}], ids=["memory=False", "all-options", "defaults"])
+@torch.no_grad()
+def test_a_wide_full_serving_block_runs_the_batched_gru_and_matches_the_step(options: dict) -> None:
+    """The serving forward runs a block of many users with few padded cells through PyTorch's
+    batched GRU, and the memory write in the compiled loop: it must equal stepping too."""
+    from model.ksr import SERVING_BATCHED_GRU_MIN_FILL, SERVING_BATCHED_GRU_MIN_USERS
+
+    model = make_model(**options)
+    generator = torch.Generator().manual_seed(5)
+    users, steps = SERVING_BATCHED_GRU_MIN_USERS + 8, 3
+    items = torch.randint(1, N_ITEMS, (users, steps), generator=generator)
+    lengths = torch.full((users,), steps)
+    lengths[:4] = 2  # a little padding, still above the fill that picks the batched GRU
+    for row in range(4):
+        items[row, 2] = 0
+    assert lengths.sum() >= SERVING_BATCHED_GRU_MIN_FILL * users * steps
+    start = model.replay(torch.randint(1, N_ITEMS, (users, 4), generator=generator))
+    user_vectors, weights, final = model(items, lengths, start, serving=True)
+    item_vectors = model.item_vectors()
+    for row in range(users):
+        state = start.index(row)
+        for t in range(int(lengths[row])):
+            state = model.step(state, items[row, t].view(1))
+            scores, step_weights = model.score(state, item_vectors)
+            torch.testing.assert_close(scores[0], user_vectors[row, t] @ item_vectors.T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step_weights[0], weights[row, t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.evidence[0], final.evidence[row])
