@@ -64,6 +64,23 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 PATHS = [(torch.float32, False), (torch.float32, True), (torch.float64, False)]
 
 
+def assert_forward_equals_steps(model: KSR, starts: list[UserState], sequences: list[torch.Tensor],
+                                forward: tuple[torch.Tensor, torch.Tensor, UserState], tol: float) -> None:
+    """Each row of a forward from `starts` over `sequences` (its user vectors, read weights and
+    final states) equals stepping that row's items one at a time from its start state."""
+    user_vectors, weights, final = forward
+    item_vectors = model.item_vectors()
+    for row, (state, sequence) in enumerate(zip(starts, sequences)):
+        for t, item in enumerate(sequence):
+            state = model.step(state, item.view(1))
+            scores, step_weights = model.score(state, item_vectors)
+            torch.testing.assert_close(scores[0], user_vectors[row, t] @ item_vectors.T, atol=tol, rtol=tol)
+            torch.testing.assert_close(step_weights[0], weights[row, t], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=tol, rtol=tol)
+        torch.testing.assert_close(state.evidence[0], final.evidence[row])
+
+
 @pytest.mark.parametrize(("dtype", "serving"), PATHS, ids=["float32-training", "float32-serving", "float64-training"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @torch.no_grad()
@@ -75,21 +92,10 @@ def test_streaming_step_matches_batch_forward(options: dict, dtype: torch.dtype,
     for row, history in enumerate(histories):
         items[row, : len(history)] = history
     lengths = torch.tensor([len(h) for h in histories])
-    user_vectors, weights, final = model(items, lengths, serving=serving)
-    item_vectors = model.item_vectors()
-    batch_scores = user_vectors @ item_vectors.T  # (B, T, N)
-
-    for row, history in enumerate(histories):
-        state = model.initial_state(1)
-        assert state.hidden.dtype == dtype
-        for t, item in enumerate(history):
-            state = model.step(state, item.view(1))
-            scores, step_weights = model.score(state, item_vectors)
-            torch.testing.assert_close(scores[0], batch_scores[row, t], atol=tol, rtol=tol)
-            torch.testing.assert_close(step_weights[0], weights[row, t], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.evidence[0], final.evidence[row])
+    forward = model(items, lengths, serving=serving)
+    starts = [model.initial_state(1) for _ in histories]
+    assert starts[0].hidden.dtype == dtype
+    assert_forward_equals_steps(model, starts, histories, forward, tol)
 
 
 @pytest.mark.parametrize(("dtype", "serving"), PATHS, ids=["float32-training", "float32-serving", "float64-training"])
@@ -115,20 +121,9 @@ def test_forward_from_a_state_continues_the_streaming_step(options: dict, dtype:
     for row, suffix in enumerate(suffixes):
         items[row, : len(suffix)] = suffix
     lengths = torch.tensor([len(s) for s in suffixes])
-    user_vectors, weights, final = model(items, lengths, UserState.stack(states), serving=serving)
-    item_vectors = model.item_vectors()
-
-    for row, suffix in enumerate(suffixes):
-        state = states[row]
-        for t, item in enumerate(suffix):
-            state = model.step(state, item.view(1))
-            scores, step_weights = model.score(state, item_vectors)
-            torch.testing.assert_close(scores[0], user_vectors[row, t] @ item_vectors.T, atol=tol, rtol=tol)
-            torch.testing.assert_close(step_weights[0], weights[row, t], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=tol, rtol=tol)
-        torch.testing.assert_close(state.evidence[0], final.evidence[row])
-    assert torch.equal(final.hidden[1], states[1].hidden[0])
+    forward = model(items, lengths, UserState.stack(states), serving=serving)
+    assert_forward_equals_steps(model, states, suffixes, forward, tol)
+    assert torch.equal(forward[2].hidden[1], states[1].hidden[0])
 
 
 @torch.no_grad()
@@ -314,15 +309,6 @@ def test_a_wide_full_serving_block_runs_the_batched_gru_and_matches_the_step(opt
         items[row, 2] = 0
     assert lengths.sum() >= SERVING_BATCHED_GRU_MIN_FILL * users * steps
     start = model.replay(torch.randint(1, N_ITEMS, (users, 4), generator=generator))
-    user_vectors, weights, final = model(items, lengths, start, serving=True)
-    item_vectors = model.item_vectors()
-    for row in range(users):
-        state = start.index(row)
-        for t in range(int(lengths[row])):
-            state = model.step(state, items[row, t].view(1))
-            scores, step_weights = model.score(state, item_vectors)
-            torch.testing.assert_close(scores[0], user_vectors[row, t] @ item_vectors.T, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(step_weights[0], weights[row, t], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state.hidden[0], final.hidden[row], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state.memory_values[0], final.memory_values[row], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state.evidence[0], final.evidence[row])
+    forward = model(items, lengths, start, serving=True)
+    rows = [start.index(row) for row in range(users)]
+    assert_forward_equals_steps(model, rows, [items[row, : int(lengths[row])] for row in range(users)], forward, 1e-5)

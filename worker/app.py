@@ -561,8 +561,9 @@ class Worker:
                 if version <= current:
                     continue
                 try:
+                    # Served as the current model is (KSR_SERVING_KERNEL).
                     recommender = await asyncio.to_thread(
-                        Recommender.load, path, self.settings.serving_kernel == "compiled")
+                        Recommender.load, path, self.processor.recommender.compiled)
                 except CheckpointError as error:
                     log.error("model v%s at %s failed to load; still serving v%s: %s", version, path,
                               current, error)

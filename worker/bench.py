@@ -110,6 +110,14 @@ async def _raw_pipe(
     return started, ended, cpu, seen
 
 
+def require_at_least_one(**counts: int) -> None:
+    """Refuse a benchmark count below 1, named as its command-line option (for library callers;
+    the CLI's parser refuses them first)."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
 def _raw_pipes(settings: Settings, source: str, sink: str, count: int, reply: bytes, timeout: float,
                processes: int) -> tuple[float, float]:
     """The raw pipe over a backlog of `count` events: in this process, or as `processes` processes
@@ -473,10 +481,7 @@ def bench_throughput(
     """
     from model.data import load
 
-    for name, value in (("workers", workers), ("partitions", partitions), ("events", events),
-                        ("latency-events", latency_events)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, not {value}")
+    require_at_least_one(workers=workers, partitions=partitions, events=events, latency_events=latency_events)
     base = Settings.from_env()
     checkpoint = checkpoint or str(base.checkpoint)
     dataset = load(data)

@@ -19,6 +19,7 @@ import statistics
 import time
 from types import SimpleNamespace
 
+from worker.bench import require_at_least_one
 from worker.delivery import DirectDelivery
 
 
@@ -119,10 +120,7 @@ def _freeze_like_the_worker() -> int:
 def bench_batches(checkpoint: str, data: str = "ml-100k", events: int = 20000, partitions: int = 4,
                   batch_size: int = 256, repeats: int = 3) -> dict:
     """Fetch-order batches against partition-share batches, `repeats` interleaved rounds; medians."""
-    for name, value in (("events", events), ("partitions", partitions), ("batch-size", batch_size),
-                        ("repeats", repeats)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, not {value}")
+    require_at_least_one(events=events, partitions=partitions, batch_size=batch_size, repeats=repeats)
     import torch
 
     from model import data as datasets
