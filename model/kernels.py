@@ -85,6 +85,8 @@ def serving_recurrence(
     the item has a KB entity; relation_hits (B, T, A): its entity heads a triple of relation a;
     relation_keys (A, D). Outputs, filled at valid cells only: hiddens (B, T, H), memory
     (B, T, A, D), evidence (B, T, A): each user's state after each of its events.
+    run_gru False: `hiddens` already holds the GRU's outputs (PyTorch's batched products, for a
+    wide block), and only the write and the evidence run; input_gates is then not read.
     """
     batch, size = hidden0.shape
     relations, dims = relation_keys.shape

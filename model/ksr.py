@@ -161,12 +161,16 @@ class KSR(nn.Module):
         )
 
     # ----------------------------------------------------------------------------- write
+    def _write_entities(self, items: Tensor) -> Tensor:
+        """e_i as the write uses it: (...,) item ids -> (..., D) (D = 0 without the memory)."""
+        entity = self.item_entity_vectors[items]  # (..., D)
+        if self.config.memory and self.write_transform is not None:
+            entity = torch.tanh(self.write_transform(entity))  # the authors' variant
+        return entity
+
     def _write_targets(self, items: Tensor) -> Tensor:
         """t_a = e_i + r_a for every relation: (..., ) item ids -> (..., A, D)."""
-        entity = self.item_entity_vectors[items]  # (..., D)
-        if self.write_transform is not None:
-            entity = torch.tanh(self.write_transform(entity))  # the authors' variant
-        return entity.unsqueeze(-2) + self.relation_keys  # (..., A, D)
+        return self._write_entities(items).unsqueeze(-2) + self.relation_keys  # (..., A, D)
 
     def memory_write(self, memory_values: Tensor, items: Tensor) -> Tensor:
         """Equation (2) for one event per user: (B, A, D), (B,) -> (B, A, D)."""
@@ -309,8 +313,8 @@ class KSR(nn.Module):
 
     def _serving_forward(self, items: Tensor, lengths: Tensor, state: UserState) -> tuple[Tensor, Tensor, UserState]:
         """`forward` for the worker: the recurrence of every user's events in one compiled loop
-        (`model.kernels.serving_recurrence`), then the read, the fusion and the dropout-free user
-        vectors at the valid positions only (a batch's block is mostly padding: a few long sessions
+        (`model.kernels.serving_recurrence`), then the read, the fusion and the user vectors at
+        the valid positions only (a batch's block is mostly padding: a few long sessions
         beside many short ones)."""
         from model import kernels  # numba: imported by the serving path only, never by training
 
@@ -329,23 +333,16 @@ class KSR(nn.Module):
             else:
                 input_gates = np.empty((batch, steps, 0), dtype=np.float32)  # not read
                 hiddens = _numpy(self.gru(q, state.hidden.unsqueeze(0).contiguous())[0])
-            a = c.n_relations if c.memory else 0
-            if c.memory:
-                entity = self.item_entity_vectors[items]  # (B, T, D)
-                if self.write_transform is not None:
-                    entity = torch.tanh(self.write_transform(entity))
-                writes, relation_hits = self.item_has_entity[items], self.item_relation_mask[items]
-            else:
-                entity = items.new_zeros((batch, steps, 0), dtype=torch.float32)
-                writes = torch.zeros(batch, steps, dtype=torch.bool)
-                relation_hits = torch.zeros(batch, steps, 0, dtype=torch.bool)
-            d = entity.shape[-1]
+            # Without the memory there are no relations (A = D = 0): the kernel writes nothing.
+            a, d = self.relation_keys.shape
+            entity = self._write_entities(items)  # (B, T, D)
             memory = np.empty((batch, steps, a, d), dtype=np.float32)
             evidence = np.empty((batch, steps, a), dtype=np.float32)
             kernels.serving_recurrence(
                 _numpy(state.hidden), _numpy(state.memory_values), _numpy(state.evidence),
                 input_gates, _numpy(lengths.to(torch.int64)), _numpy(gru.weight_hh_l0.T),
-                _numpy(gru.bias_hh_l0), _numpy(entity), _numpy(writes), _numpy(relation_hits),
+                _numpy(gru.bias_hh_l0), _numpy(entity), _numpy(self.item_has_entity[items]),
+                _numpy(self.item_relation_mask[items]),
                 _numpy(self.relation_keys), hiddens, memory, evidence, run_gru,
             )
             hiddens_t, memory_t, evidence_t = torch.from_numpy(hiddens), torch.from_numpy(memory), torch.from_numpy(evidence)
