@@ -51,6 +51,10 @@ class TrainConfig:
     # > 0: the CE loss also penalises the softmax mass on items the user has already consumed, with
     # this weight (`sequence_loss`); the model is unchanged, only what training asks of it.
     seen_penalty: float = 0.0
+    # > 0: when validation NDCG@10 has not improved for `lr_patience` epochs, multiply the learning
+    # rate by this (PyTorch's ReduceLROnPlateau on the selection metric); 0 keeps it constant.
+    lr_decay: float = 0.0
+    lr_patience: int = 3
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
@@ -62,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"seen_penalty must be >= 0, got {self.seen_penalty}")
         if self.seen_penalty > 0 and self.loss != "ce":
             raise ValueError("seen_penalty applies to the ce loss only")
+        if not 0.0 <= self.lr_decay < 1.0:
+            raise ValueError(f"lr_decay must be in [0, 1), got {self.lr_decay}")
+        if self.lr_patience < 0:
+            raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -260,6 +268,9 @@ def train(
     transe_seconds = time.perf_counter() - started
     # Frozen KB buffers are not parameters, so the optimizer never touches them.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_decay, patience=config.lr_patience, threshold=0.0)
+        if config.lr_decay > 0 else None)
     generator = random.Random(config.seed)
     negative_weights = popularity.clone()
     negative_weights[0] = 0
@@ -281,7 +292,9 @@ def train(
         result = evaluate_loo_ksr(kept, split)
         seconds = time.perf_counter() - epoch_started
         history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": result["valid"]["ndcg@10"],
-                        "seconds": round(seconds, 2)})
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)})
+        if scheduler is not None:
+            scheduler.step(result["valid"]["ndcg@10"])
         improved = result["valid"]["ndcg@10"] > best["valid"]["ndcg@10"]
         if improved:
             best = {"epoch": epoch, **result}

@@ -83,6 +83,29 @@ def test_training_with_an_average_saves_and_reports_the_average(toy, monkeypatch
         training.train(dataset, root / "bad", training.TrainConfig(epochs=1, ema=1.0), config, transe)
 
 
+def test_lr_decay_lowers_the_rate_after_epochs_without_a_validation_gain(toy, monkeypatch) -> None:
+    """With patience 0 every epoch that does not beat the best validation NDCG@10 so far multiplies
+    the rate by the decay; the history records the rate each epoch trained with."""
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    settings = training.TrainConfig(epochs=8, patience=100, threads=1, batch_users=4, lr=0.05,
+                                    lr_decay=0.5, lr_patience=0, item_init_std=0.1)
+    meta = training.train(dataset, root / "lr_decay", settings, config, TransEConfig(dim=8, epochs=2))
+    rate, best, drops = 0.05, float("-inf"), 0
+    for epoch in meta["history"]:
+        assert epoch["lr"] == pytest.approx(rate)
+        if epoch["valid_ndcg@10"] > best:
+            best = epoch["valid_ndcg@10"]
+        else:
+            rate, drops = rate * 0.5, drops + 1
+    assert drops >= 1, "the toy run never stalled, so this test did not test the decay"
+    constant = training.train(dataset, root / "lr_constant", training.TrainConfig(
+        epochs=2, patience=100, threads=1, batch_users=4, lr=0.05, item_init_std=0.1), config,
+        TransEConfig(dim=8, epochs=2))
+    assert [epoch["lr"] for epoch in constant["history"]] == [0.05, 0.05]
+
+
 def test_checkpoints_from_before_the_init_setting_are_retrained_from_the_old_scale() -> None:
     """The prequential protocol retrains a model with a checkpoint's recorded settings: one that
     records no `item_init_std` was trained from PyTorch's N(0, 1), not from today's default."""
@@ -191,6 +214,8 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--item-init-std", "0"], "item_init_std must be positive, got 0.0"),
     (["--seen-penalty", "-1"], "seen_penalty must be >= 0, got -1.0"),
     (["--seen-penalty", "1", "--loss", "bpr"], "seen_penalty applies to the ce loss only"),
+    (["--lr-decay", "1"], "lr_decay must be in [0, 1), got 1.0"),
+    (["--lr-patience", "-1"], "lr_patience must be >= 0, got -1"),
 ])
 def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str], message: str) -> None:
     import subprocess

@@ -49,7 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model=args.model, epochs=args.epochs, patience=args.patience, batch_users=args.batch_users,
             lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
-            seen_penalty=args.seen_penalty,
+            seen_penalty=args.seen_penalty, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
             item_init_std=args.item_init_std,
         )
     except ValueError as error:
@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap on training")
     p.add_argument("--batch-users", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", type=float, default=0.0,
+                   help="multiply the learning rate by this after --lr-patience epochs without a "
+                        "validation gain (0 = constant rate)")
+    p.add_argument("--lr-patience", type=int, default=3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--item-init-std", type=float, default=0.02,
                    help="initial item embeddings ~ N(0, std^2) (1: the scale of PyTorch's default)")
