@@ -83,6 +83,19 @@ def bench_step(
         seconds = _median_seconds(lambda: recommender._top_k(users, seen, k), repeats)
         result[f"rank_ms_per_event_{name}"] = round(seconds / largest * 1000, 4)
     recommender.rank_block_items = RANK_BLOCK_ITEMS
+    # The floor of any exact ranking: every item's score, the products alone, block by block as
+    # the ranking computes them (a block's scores stay in the cache), with no top-k or seen filter.
+    item_vectors = recommender.item_vectors
+    blocks = [item_vectors[start : start + recommender.rank_block_items].T
+              for start in range(0, catalog, recommender.rank_block_items)]
+
+    def score_every_item() -> None:
+        for block in blocks:
+            users @ block
+
+    seconds = _median_seconds(score_every_item, repeats)
+    result["score_ms_per_event"] = round(seconds / largest * 1000, 4)
+    result["score_gflops"] = round(2 * largest * catalog * item_vectors.shape[1] / seconds / 1e9, 1)
 
     # A batch's forward (`Recommender.run`, what the worker calls) on blocks of three shapes, with
     # both serving kernels: many users with one event each, a full block of a few events each, and

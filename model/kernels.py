@@ -1,5 +1,5 @@
 """The serving path's loops, compiled: the recurrence (equations (1) and (2) of `model/ksr.py`) for a
-block of users, and the ranking of a small catalog minus each user's seen items.
+block of users, and the ranking of the catalog minus each user's seen items.
 
 The worker runs each batch as a (users x steps) block (`KSR.forward(..., serving=True)`): a handful
 of users with dozens of events each, so a step is a few rows. PyTorch pays its per-operation cost
@@ -15,7 +15,8 @@ beyond which it is clamped, and at the extremes), against the 1e-5 to which the 
 held (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
 
 `top_k_unseen` ranks a catalog scored at once (ml-100k's) in one pass per row, skipping the seen
-items as it goes (`Recommender._top_k`).
+items as it goes, and `merge_top_k_unseen` does the same block by block for a large catalog
+(`Recommender._top_k`).
 
 numba compiles these once per checkout (a few seconds) and caches them next to this file;
 `warm()` does it before the worker's first batch. Only the serving path imports this module.
@@ -145,6 +146,8 @@ def warm() -> None:
         np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32), True,
     )
     top_k_unseen(np.zeros((1, 2), f32), np.zeros(2, np.int64), np.zeros(0, np.int64), 1)
+    merge_top_k_unseen(np.zeros((1, 2), f32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
+                       np.zeros((1, 1), f32), np.zeros((1, 1), np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -157,18 +160,37 @@ def top_k_unseen(scores, seen_starts, seen_items, k):
     item index ranks first. One pass over each row with a running k-th best: most entries cost one
     comparison, instead of a top-k over the whole matrix and a scatter of the seen items before it.
     """
-    batch, n = scores.shape
+    batch = scores.shape[0]
     top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
     top_items = np.zeros((batch, k), dtype=np.int64)
+    merge_top_k_unseen(scores, 0, seen_starts, seen_items, top_scores, top_items)
+    return top_scores, top_items
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_items):
+    """Fold a block of scores (B, n), items `offset` to `offset + n - 1`, into each row's running
+    top-k (`top_scores`, `top_items`, (B, k), best first; start them at -inf and 0), as
+    `top_k_unseen` ranks one block: item 0 and row b's seen items left out (overwritten with -inf
+    in `scores`), the lower item index first among equal scores when blocks come in item order.
+
+    A large catalog is ranked block by block through this, each block's scores still in the
+    cache, instead of a (B, N) matrix (100 MB for 256 users and 100,000 items).
+    """
+    batch, n = scores.shape
+    k = top_scores.shape[1]
     for b in range(batch):
         row = scores[b]
-        row[0] = -np.inf
+        if offset == 0:
+            row[0] = -np.inf
         for s in range(seen_starts[b], seen_starts[b + 1]):
-            row[seen_items[s]] = -np.inf
+            j = seen_items[s] - offset
+            if 0 <= j < n:
+                row[j] = -np.inf
         best = top_scores[b]
         items = top_items[b]
         threshold = best[k - 1]
-        for j in range(1, n):
+        for j in range(n):
             value = row[j]
             if value > threshold:
                 at = k - 1
@@ -177,6 +199,5 @@ def top_k_unseen(scores, seen_starts, seen_items, k):
                     items[at] = items[at - 1]
                     at -= 1
                 best[at] = value
-                items[at] = j
+                items[at] = offset + j
                 threshold = best[k - 1]
-    return top_scores, top_items

@@ -21,11 +21,11 @@ from model import checkpoint as checkpoints
 from model.ksr import KSR, UserState
 
 # Ranking a large catalog (Recommender._top_k): items scored per block (a 256-event batch's block
-# of scores stays at 4 MiB) and items per group whose best score is kept.
+# of scores stays at 4 MiB); without the compiled kernel, items per group whose best score is kept.
 RANK_BLOCK_ITEMS = 4096
 RANK_GROUP_ITEMS = 32
 # Batches of at most this many users are scored against the whole catalog at once: their score
-# matrix is small, and the grouped path's extra steps cost more than they save (`ksr bench step`).
+# matrix is small, and a block loop's extra steps cost more than they save (`ksr bench step`).
 RANK_DIRECT_MAX_BATCH = 16
 
 
@@ -174,12 +174,11 @@ class Recommender:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best scores and their item indices per row (B, k), seen items and padding excluded.
 
-        A catalog of one block (`rank_block_items`; ml-100k's is), or a batch of at most
-        `rank_direct_max_batch` users, is scored at once and each row ranked by one pass of
-        `kernels.top_k_unseen`, which skips the seen items as it goes (`torch.topk` after masking
-        them, when not `compiled`). Otherwise the catalog
-        is scored block by block, keeping only each group of RANK_GROUP_ITEMS consecutive items'
-        best score; the k best items can only lie in the k groups with the best maxima (those k
+        `compiled`: block by block through the ranking kernel (`_top_k_compiled`). Otherwise
+        (`KSR_SERVING_KERNEL=torch`): a catalog of one block (`rank_block_items`; ml-100k's is), or
+        a batch of at most `rank_direct_max_batch` users, is scored at once and ranked by
+        `torch.topk` after masking the seen items; a larger one is scored block by block, keeping
+        only each group of RANK_GROUP_ITEMS consecutive items' best score; the k best items can only lie in the k groups with the best maxima (those k
         groups hold k items at least as good as the k-th best group maximum), so only those
         k x RANK_GROUP_ITEMS candidates are scored again and ranked. The answer is the whole
         catalog's top-k, without a (B, N) score matrix (100 MB for a 256-event batch over 100,000
@@ -188,15 +187,10 @@ class Recommender:
         lengths = [len(s) for s in seen]
         cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
+        if self.compiled:
+            return self._top_k_compiled(user_vectors, lengths, cols, k)
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
-            scores = user_vectors @ self.item_vectors.T  # (B, N), a fresh matrix the kernel may overwrite
-            if self.compiled:
-                from model import kernels
-
-                starts = np.zeros(batch + 1, dtype=np.int64)
-                np.cumsum(lengths, out=starts[1:])
-                top_scores, top_items = kernels.top_k_unseen(scores.numpy(), starts, cols, k)
-                return torch.from_numpy(top_scores), torch.from_numpy(top_items)
+            scores = user_vectors @ self.item_vectors.T  # (B, N)
             rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
             scores[:, 0] = float("-inf")  # padding
             scores[rows, torch.from_numpy(cols)] = float("-inf")
@@ -230,6 +224,29 @@ class Recommender:
         excluded = outside | (candidates == 0) | torch.isin(keys, rows * n + cols)
         top_scores, picked = torch.topk(scores.masked_fill(excluded, float("-inf")), k, dim=1)
         return top_scores, torch.gather(candidates, 1, picked)
+
+    def _top_k_compiled(
+        self, user_vectors: torch.Tensor, lengths: list[int], cols: np.ndarray, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_top_k` through the ranking kernel: the catalog scored `rank_block_items` at a time
+        (ml-100k's in one block; for at most `rank_direct_max_batch` users, the whole catalog in
+        one), each block folded into every row's running top-k by one compiled pass that skips the
+        seen items (`kernels.merge_top_k_unseen`). Every item is scored once and nothing else is
+        written: at 100,000 items the ranking costs about 1.4 times the products alone (`ksr bench
+        step --items 100000`: `rank_ms_per_event_blocks` beside `score_ms_per_event`)."""
+        from model import kernels
+
+        batch = user_vectors.shape[0]
+        starts = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
+        top_items = np.zeros((batch, k), dtype=np.int64)
+        # A few users' scores against the whole catalog are small: one product, one pass.
+        size = self.n_items if batch <= self.rank_direct_max_batch else self.rank_block_items
+        for start in range(0, self.n_items, size):
+            scores = user_vectors @ self.item_vectors[start : start + size].T  # fresh: the kernel overwrites it
+            kernels.merge_top_k_unseen(scores.numpy(), start, starts, cols, top_scores, top_items)
+        return torch.from_numpy(top_scores), torch.from_numpy(top_items)
 
     def lookup(self, tokens: Sequence[str]) -> list[int]:
         """Item indices of raw item ids; raises KeyError naming the first unknown id."""

@@ -19,6 +19,7 @@ def test_bench_step_prints_its_figures() -> None:
     assert all(v > 0 for v in figures["events_per_s"].values())
     assert figures["catalog"] == 1682 and figures["history"] == 200
     assert figures["speedup_vs_recompute"] > 0
+    assert figures["score_ms_per_event"] > 0 and figures["score_gflops"] > 0
 
 
 def test_bench_batches_cuts_the_same_events_both_ways(small_checkpoint) -> None:

@@ -131,10 +131,11 @@ def test_the_seen_filter_and_the_stored_history_keep_the_last_history_length_ite
 @pytest.mark.parametrize("block", [1, 64, 256, 1000, 4096])
 @torch.no_grad()
 def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recommender, monkeypatch, block) -> None:
-    """A catalog larger than a block is ranked from its best groups of items: the same answer as
-    scoring every item at once, seen items (in any block, the last one included) excluded. Blocks of
-    1,683 items (ml-100k) or more take the direct path; smaller ones exercise the grouped path,
-    with a last block that is not a whole number of groups."""
+    """A catalog larger than a block is ranked block by block (compiled: each block folded into a
+    running top-k; torch: from its best groups of items): the same answer as scoring every item at
+    once, seen items (in any block, the last one included) excluded. Blocks of 1,683 items
+    (ml-100k) or more are one block; smaller ones exercise the block paths, with a last block that
+    is not a whole number of groups."""
     generator = torch.Generator().manual_seed(0)
     n = recommender.n_items
     users = torch.randn(6, recommender.item_vectors.shape[1], generator=generator)
@@ -146,7 +147,7 @@ def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recomme
     expected_scores, expected_items = torch.topk(full, 10, dim=1)
 
     monkeypatch.setattr(recommender, "rank_block_items", block)
-    monkeypatch.setattr(recommender, "rank_direct_max_batch", 0)  # these 6 users take the grouped path
+    monkeypatch.setattr(recommender, "rank_direct_max_batch", 0)  # these 6 users are ranked by blocks
     scores, items = recommender._top_k(users, seen, 10)
     torch.testing.assert_close(scores, expected_scores)
     finite = torch.isfinite(expected_scores)
