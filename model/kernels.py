@@ -14,9 +14,8 @@ the compiler can vectorise; its absolute error is below 4e-7 (tested on a dense 
 beyond which it is clamped, and at the extremes), against the 1e-5 to which the serving path is
 held (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
 
-`top_k_unseen` ranks a catalog scored at once (ml-100k's) in one pass per row, skipping the seen
-items as it goes, and `merge_top_k_unseen` does the same block by block for a large catalog
-(`Recommender._top_k`).
+`merge_top_k_unseen` ranks the catalog block by block (ml-100k's is one block), one pass per row
+that skips the seen items as it goes (`Recommender._top_k`).
 
 numba compiles these once per checkout (a few seconds) and caches them next to this file;
 `warm()` does it before the worker's first batch. Only the serving path imports this module.
@@ -145,37 +144,22 @@ def warm() -> None:
         np.ones((1, 1), np.bool_), np.ones((1, 1, 1), np.bool_), np.zeros((1, 1), f32),
         np.empty((1, 1, 1), f32), np.empty((1, 1, 1, 1), f32), np.empty((1, 1, 1), f32), True,
     )
-    top_k_unseen(np.zeros((1, 2), f32), np.zeros(2, np.int64), np.zeros(0, np.int64), 1)
     merge_top_k_unseen(np.zeros((1, 2), f32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
                        np.zeros((1, 1), f32), np.zeros((1, 1), np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
-def top_k_unseen(scores, seen_starts, seen_items, k):
-    """The k best items of each row of `scores` (B, N), best first, leaving out item 0 (padding)
-    and row b's seen items `seen_items[seen_starts[b]:seen_starts[b + 1]]`.
-
-    Overwrites those entries of `scores` with -inf. Returns scores (B, k) and item indices (B, k);
-    a row with fewer than k items left ends in -inf scores (item 0). Of equal scores the lower
-    item index ranks first. One pass over each row with a running k-th best: most entries cost one
-    comparison, instead of a top-k over the whole matrix and a scatter of the seen items before it.
-    """
-    batch = scores.shape[0]
-    top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
-    top_items = np.zeros((batch, k), dtype=np.int64)
-    merge_top_k_unseen(scores, 0, seen_starts, seen_items, top_scores, top_items)
-    return top_scores, top_items
-
-
-@numba.njit(cache=True, nogil=True)
 def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_items):
     """Fold a block of scores (B, n), items `offset` to `offset + n - 1`, into each row's running
-    top-k (`top_scores`, `top_items`, (B, k), best first; start them at -inf and 0), as
-    `top_k_unseen` ranks one block: item 0 and row b's seen items left out (overwritten with -inf
-    in `scores`), the lower item index first among equal scores when blocks come in item order.
+    top-k (`top_scores`, `top_items`, (B, k), best first; start them at -inf and 0), leaving out
+    item 0 (padding) and row b's seen items `seen_items[seen_starts[b]:seen_starts[b + 1]]`
+    (overwritten with -inf in `scores`). Of equal scores the lower item index ranks first when
+    blocks come in item order; a row with fewer than k items left ends in -inf scores (item 0).
 
-    A large catalog is ranked block by block through this, each block's scores still in the
-    cache, instead of a (B, N) matrix (100 MB for 256 users and 100,000 items).
+    One pass over each row with a running k-th best: most entries cost one comparison, instead
+    of a scatter of the seen items and a top-k over the whole matrix. A large catalog is ranked
+    block by block through this, each block's scores still in the cache, instead of a (B, N)
+    matrix (100 MB for 256 users and 100,000 items); ml-100k's is one block.
     """
     batch, n = scores.shape
     k = top_scores.shape[1]

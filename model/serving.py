@@ -178,9 +178,10 @@ class Recommender:
         (`KSR_SERVING_KERNEL=torch`): a catalog of one block (`rank_block_items`; ml-100k's is), or
         a batch of at most `rank_direct_max_batch` users, is scored at once and ranked by
         `torch.topk` after masking the seen items; a larger one is scored block by block, keeping
-        only each group of RANK_GROUP_ITEMS consecutive items' best score; the k best items can only lie in the k groups with the best maxima (those k
-        groups hold k items at least as good as the k-th best group maximum), so only those
-        k x RANK_GROUP_ITEMS candidates are scored again and ranked. The answer is the whole
+        only each group of RANK_GROUP_ITEMS consecutive items' best score; the k best items can
+        only lie in the k groups with the best maxima (those k groups hold k items at least as good
+        as the k-th best group maximum), so only those k x RANK_GROUP_ITEMS candidates are scored
+        again and ranked. The answer is the whole
         catalog's top-k, without a (B, N) score matrix (100 MB for a 256-event batch over 100,000
         items) or a top-k pass over it (`ksr bench step --items 100000` times both).
         """

@@ -243,8 +243,10 @@ def test_the_serving_path_keeps_a_memory_that_the_write_gate_shuts() -> None:
     assert torch.equal(final.memory_values, state.memory_values)
 
 
-def test_the_ranking_kernel_is_torch_topk_without_the_seen_items() -> None:
-    """model/kernels.py's top_k_unseen against torch.topk over a masked copy: random rows, rows
+@pytest.mark.parametrize("blocks", [[60], [15, 60]], ids=["one-block", "two-blocks"])
+def test_the_ranking_kernel_is_torch_topk_without_the_seen_items(blocks: list[int]) -> None:
+    """model/kernels.py's merge_top_k_unseen, the catalog folded in one block or in two (the tied
+    scores straddling the boundary), against torch.topk over a masked copy: random rows, rows
     whose seen items leave fewer than k, a row with every item seen, and tied scores."""
     import numpy as np
 
@@ -260,7 +262,11 @@ def test_the_ranking_kernel_is_torch_topk_without_the_seen_items() -> None:
     masked[:, 0] = float("-inf")
     for row, items in enumerate(seen):
         masked[row, torch.from_numpy(items)] = float("-inf")
-    top_scores, top_items = kernels.top_k_unseen(scores.copy(), starts, np.concatenate(seen).astype(np.int64), k)
+    top_scores = np.full((len(seen), k), -np.inf, dtype=np.float32)
+    top_items = np.zeros((len(seen), k), dtype=np.int64)
+    for start, end in zip([0, *blocks], blocks):
+        kernels.merge_top_k_unseen(scores[:, start:end].copy(), start, starts,
+                                   np.concatenate(seen).astype(np.int64), top_scores, top_items)
     expected_scores, _ = torch.topk(masked, k, dim=1)
     assert np.array_equal(top_scores, expected_scores.numpy())
     for row in range(len(seen)):
