@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import KSR, REPO
 
+from worker.metrics import ROCKSDB_MEMORY
+
 
 def test_bench_step_prints_its_figures() -> None:
     result = subprocess.run([*KSR, "bench", "step", "--json"], cwd=REPO, capture_output=True, text=True,
@@ -74,6 +76,8 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert figures["data"] == "ml-100k" and figures["users"] > 0
     assert figures["state_bytes_per_user"] > 100, "the worker's RocksDB folder holds every user's state"
     assert figures["rss_mb_at_20pct"] > 50 and figures["rss_growth_last_80pct"] is not None
+    assert set(figures["memory_parts_at_20pct_and_max"]) == {*ROCKSDB_MEMORY, "c_heap_in_use", "c_heap_free",
+                                                             "c_heap_mmapped", "python_allocated_blocks"}
     assert "worker_loop_thread_busy" in figures
     agent = figures["worker_agent_ms_per_event"]  # None when the backlog drained between two samples
     assert agent is None or (agent["process"] > 0 and agent["send"] > 0), agent
@@ -231,6 +235,25 @@ def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_midd
     assert figures["process"] == pytest.approx(0.5) and figures["send"] == pytest.approx(0.1)
     assert figures["idle"] == 0.0 and set(figures) == set(AGENT_PHASES)
     assert _agent_ms_per_event(samples[:2], 1000) is None
+
+
+def test_rss_growth_is_from_the_20pct_sample_to_the_highest_after_with_the_parts_at_both() -> None:
+    from worker.bench import MEMORY_PARTS, _rss_growth
+
+    def parts(heap_mb: float) -> dict:
+        return {f"memory:{part}": None for part in MEMORY_PARTS} | {"memory:c_heap_in_use": heap_mb * 2**20}
+
+    mb = 2**20
+    # 20% of 1,000 is first reached at 250 answers (1,000 MB); the highest after is 1,150 MB at 600,
+    # not the last sample; the 1,300 MB before 20% does not count.
+    samples = [(100, 1300 * mb, 0, None, 0, 0, 0, parts(500)), (250, 1000 * mb, 0, None, 1, 0, 0, parts(600)),
+               (600, 1150 * mb, 0, None, 2, 0, 0, parts(700)), (1000, 1100 * mb, 0, None, 3, 0, 0, parts(650))]
+    figures = _rss_growth(samples, 1000)
+    assert figures["rss_mb_at_20pct"] == 1000 and figures["rss_mb_max_after"] == 1150
+    assert figures["rss_growth_last_80pct"] == 0.15
+    assert figures["memory_parts_at_20pct_and_max"]["c_heap_in_use"] == [600, 700]
+    assert figures["memory_parts_at_20pct_and_max"]["rocksdb_block_cache"] == [None, None]  # not sampled yet
+    assert _rss_growth([], 1000)["rss_growth_last_80pct"] is None
 
 
 def test_bench_refuses_counts_below_one_and_rates_or_timeouts_not_above_zero() -> None:

@@ -212,6 +212,17 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     assert samples["ksr_queued_events"] == 0
     # The recurrence ran, at most one step per event (a batch of only bad events runs none).
     assert 1 <= samples["ksr_model_steps_total"] <= samples["ksr_batch_size_sum"]
+    # Every 10 s the worker samples its memory by part: the replayed users' states sit in RocksDB's
+    # memtables, and the C heap holds them, the model and the rest.
+    deadline = time.monotonic() + 30
+    while 'ksr_memory_bytes{part="rocksdb_memtables"}' not in samples and time.monotonic() < deadline:
+        time.sleep(1)
+        samples = scrape(worker.metrics_url)
+    memory = {line.split('"')[1]: value for line, value in samples.items() if line.startswith("ksr_memory_bytes{")}
+    assert set(memory) == {"rocksdb_block_cache", "rocksdb_memtables", "rocksdb_table_readers",
+                           "c_heap_in_use", "c_heap_free", "c_heap_mmapped"}, memory
+    assert memory["rocksdb_memtables"] > 0 and memory["c_heap_in_use"] > 10 * 2**20, memory
+    assert min(memory.values()) >= 0 and samples["ksr_python_allocated_blocks"] > 100_000
 
 
 def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, timeout: float) -> list[dict]:

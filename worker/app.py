@@ -223,7 +223,7 @@ class Worker:
         self.app.agent(self.interactions, name="process-interactions")(
             self._agent
         )
-        self.app.timer(10.0)(self._count_users)
+        self.app.timer(10.0)(self._sample_gauges)
         self.app.timer(30.0)(self._release_free_memory)
         self.app.task(self._watch_model_updates)
         self.pending: Recommender | None = None
@@ -785,7 +785,8 @@ class Worker:
         """
         await asyncio.to_thread(release_free_memory)
 
-    async def _count_users(self) -> None:
+    async def _sample_gauges(self) -> None:
+        """Every 10 s: the users in this worker's stores and its memory by part (worker.metrics)."""
         store = self.user_state.data
         total = 0
         for db in getattr(store, "_dbs", {}).values():
@@ -794,6 +795,7 @@ class Worker:
             except (RuntimeError, OSError) as error:  # a partition DB closing during a rebalance
                 log.debug("users gauge: skipped a partition (%s)", error)
         metrics.USERS_IN_STATE.set(total)
+        metrics.sample_memory(list(getattr(store, "_dbs", {}).values()))
 
 
 def release_free_memory() -> bool:

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
-from worker.metrics import AGENT_PHASE
+from worker.metrics import AGENT_PHASE, ROCKSDB_MEMORY
 from worker.replay import paced_async
 
 
@@ -206,6 +206,12 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float) -> tuple[
 # What `_watch` reads from each worker's metrics page, summed over the workers.
 _WATCHED = ("ksr_recommendations_total", "process_resident_memory_bytes", "process_cpu_seconds_total",
             "ksr_batch_size_sum", "ksr_batch_size_count", "ksr_model_steps_total")
+# The worker's memory by part (worker.metrics.sample_memory, every 10 s), as named on the metrics page.
+MEMORY_PARTS = {
+    **{part: f'ksr_memory_bytes{{part="{part}"}}' for part in (
+        *ROCKSDB_MEMORY, "c_heap_in_use", "c_heap_free", "c_heap_mmapped")},
+    "python_allocated_blocks": "ksr_python_allocated_blocks",
+}
 
 
 def _machine_busy_seconds() -> float | None:
@@ -227,9 +233,10 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
     Speed). Returns samples taken every `interval` s, each (answers emitted, resident memory, CPU
     seconds (all threads), event-loop threads' CPU seconds, monotonic time, events in batches,
     batches, {agent phase: seconds, "model_steps": sequential model steps}, machine busy CPU
-    seconds), every worker figure summed over the workers.
+    seconds), every worker figure summed over the workers; the dict also holds the memory parts
+    (MEMORY_PARTS) as "memory:PART".
     """
-    names = (*_WATCHED, *AGENT_PHASES.values())
+    names = (*_WATCHED, *AGENT_PHASES.values(), *MEMORY_PARTS.values())
     samples: list[tuple] = []
     deadline = time.monotonic() + timeout
     answered = 0.0
@@ -251,7 +258,8 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
                             None if None in loops else sum(loops), time.monotonic(),
                             total("ksr_batch_size_sum"), total("ksr_batch_size_count"),
                             {**{phase: total(name) for phase, name in AGENT_PHASES.items()},
-                             "model_steps": total("ksr_model_steps_total")},
+                             "model_steps": total("ksr_model_steps_total"),
+                             **{f"memory:{part}": total(name) for part, name in MEMORY_PARTS.items()}},
                             _machine_busy_seconds()))
             if answered >= count:
                 break
@@ -401,13 +409,23 @@ def _model_steps_per_event(samples: list[tuple], count: int) -> float | None:
 
 
 def _rss_growth(samples: list[tuple], count: int) -> dict:
-    """Resident memory when 20% of the outputs were seen, at the end, and the growth in between."""
+    """Resident memory when 20% of the outputs were seen, its highest after, and the growth in
+    between; and the worker's memory by part (MEMORY_PARTS, in MB; Python's in blocks) at those two
+    samples, so that a growth can be traced to what grew."""
     if not samples:
-        return {"rss_mb_at_20pct": None, "rss_mb_max_after": None, "rss_growth_last_80pct": None}
-    at_20 = next((rss for seen, rss, *_ in samples if seen >= 0.2 * count), samples[-1][1])
-    after = max(rss for seen, rss, *_ in samples if seen >= 0.2 * count) if samples[-1][0] >= 0.2 * count else at_20
-    return {"rss_mb_at_20pct": round(at_20 / 2**20, 1), "rss_mb_max_after": round(after / 2**20, 1),
-            "rss_growth_last_80pct": round(after / at_20 - 1, 4)}
+        return {"rss_mb_at_20pct": None, "rss_mb_max_after": None, "rss_growth_last_80pct": None,
+                "memory_parts_at_20pct_and_max": None}
+    later = [sample for sample in samples if sample[0] >= 0.2 * count] or samples[-1:]
+    first, peak = later[0], max(later, key=lambda sample: sample[1])
+
+    def part(sample: tuple, name: str) -> float | None:
+        value = sample[7].get(f"memory:{name}")
+        return None if value is None else round(value, 0) if name == "python_allocated_blocks" else round(
+            value / 2**20, 1)
+
+    return {"rss_mb_at_20pct": round(first[1] / 2**20, 1), "rss_mb_max_after": round(peak[1] / 2**20, 1),
+            "rss_growth_last_80pct": round(peak[1] / first[1] - 1, 4),
+            "memory_parts_at_20pct_and_max": {name: [part(first, name), part(peak, name)] for name in MEMORY_PARTS}}
 
 
 # Where a profiled function's own time is counted, by the first matching part of its file path.

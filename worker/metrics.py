@@ -73,6 +73,18 @@ GC_PAUSE_SECONDS = Histogram(
     ["generation"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 
+MEMORY_BYTES = Gauge(
+    "ksr_memory_bytes",
+    "The worker's memory by part, sampled every 10 s: RocksDB's block caches, memtables and table "
+    "readers (index and filter blocks held outside the caches), summed over the partitions' stores; "
+    "the C heap (glibc's mallinfo2): bytes in use in its heaps, free in them (kept, not yet returned "
+    "to the system) and in chunks mapped on their own",
+    ["part"],
+)
+PYTHON_BLOCKS = Gauge(
+    "ksr_python_allocated_blocks", "Memory blocks the Python interpreter has allocated (sys.getallocatedblocks)"
+)
+
 GC_FROZEN_OBJECTS = Gauge(
     "ksr_gc_frozen_objects", "Start-up objects moved out of the garbage collector's reach (KSR_GC_FREEZE)"
 )
@@ -106,6 +118,53 @@ def freeze_heap() -> int:
         gc.freeze()
     GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
     return gc.get_freeze_count()
+
+
+# RocksDB's memory properties, as the parts of `ksr_memory_bytes` they are reported under.
+ROCKSDB_MEMORY = {
+    "rocksdb_block_cache": "rocksdb.block-cache-usage",
+    "rocksdb_memtables": "rocksdb.cur-size-all-mem-tables",
+    "rocksdb_table_readers": "rocksdb.estimate-table-readers-mem",
+}
+
+
+def c_heap() -> dict[str, int] | None:
+    """The C heap's bytes by part (glibc's mallinfo2: in use, free, mapped on their own), or None
+    where the C library is not glibc 2.33 or later."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {"c_heap_in_use": info.uordblks, "c_heap_free": info.fordblks, "c_heap_mmapped": info.hblkhd}
+
+
+def sample_memory(dbs) -> dict[str, int]:
+    """Set `ksr_memory_bytes` and `ksr_python_allocated_blocks` from the RocksDB stores `dbs`
+    (rocksdict `Rdict`s), the C heap and the interpreter; returns the parts set. A store that
+    fails to answer (closing during a rebalance) is left out of the sums."""
+    import sys
+
+    parts = dict.fromkeys(ROCKSDB_MEMORY, 0)
+    for db in dbs:
+        for part, prop in ROCKSDB_MEMORY.items():
+            try:
+                parts[part] += int(db.property_int_value(prop) or 0)
+            except (RuntimeError, OSError):
+                pass
+    parts.update(c_heap() or {})
+    for part, value in parts.items():
+        MEMORY_BYTES.labels(part).set(value)
+    PYTHON_BLOCKS.set(sys.getallocatedblocks())
+    return parts
 
 
 def serve(host: str, port: int) -> None:
