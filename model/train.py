@@ -55,6 +55,11 @@ class TrainConfig:
     # rate by this (PyTorch's ReduceLROnPlateau on the selection metric); 0 keeps it constant.
     lr_decay: float = 0.0
     lr_patience: int = 3
+    # > 0: train on windows instead of whole sequences (truncated backpropagation, as RecBole trains on
+    # at most 50 items): each user's targets in runs of `max_len`, each run fed with up to `max_len`
+    # earlier items before it from a fresh state, so every target is predicted once per epoch from at
+    # least min(max_len, its history) items. Evaluation and serving keep the whole history.
+    max_len: int = 0
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
@@ -70,6 +75,10 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be in [0, 1), got {self.lr_decay}")
         if self.lr_patience < 0:
             raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
+        if self.max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {self.max_len}")
+        if self.max_len > 0 and self.seen_penalty > 0:
+            raise ValueError("seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -156,13 +165,40 @@ def initialise_item_embeddings(model: KSR, std: float | None) -> None:
     weight[0] = 0.0
 
 
-def _batches(sequences: list[np.ndarray], batch_users: int, generator: random.Random) -> list[list[int]]:
-    """Users grouped by similar length (little padding), batches in random order."""
-    users = [u for u, s in enumerate(sequences) if len(s) >= 2]
-    users.sort(key=lambda u: (len(sequences[u]), generator.random()))
-    batches = [users[i : i + batch_users] for i in range(0, len(users), batch_users)]
+def training_windows(sequences: list[np.ndarray], max_len: int) -> list[tuple[np.ndarray, int]]:
+    """The training samples: (items, skip) pairs, where the user vector after position i of `items`
+    predicts items[i + 1] for every i >= skip (the first `skip` positions only build up the state).
+
+    max_len 0: each sequence of two items or more whole, skip 0. max_len L > 0: a sequence's targets
+    (its items after the first) in runs of L; a run starting at index a is fed the items from
+    max(0, a - L), so each target has at least min(L, its history) items before it.
+    """
+    if max_len <= 0:
+        return [(s, 0) for s in sequences if len(s) >= 2]
+    windows = []
+    for s in sequences:
+        for a in range(1, len(s), max_len):
+            start = max(0, a - max_len)
+            windows.append((s[start : min(len(s), a + max_len)], a - start - 1))
+    return windows
+
+
+def _batches(samples: list[tuple[np.ndarray, int]], batch_users: int,
+             generator: random.Random) -> list[list[tuple[np.ndarray, int]]]:
+    """Samples grouped by similar length (little padding), batches in random order."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i][0]), generator.random()))
+    batches = [[samples[i] for i in order[j : j + batch_users]] for j in range(0, len(order), batch_users)]
     generator.shuffle(batches)
     return batches
+
+
+def batch_tensors(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of (items, skip) samples: (B, T) right-padded ids, (B,) lengths, and (B, T - 1) which
+    positions' user vectors are trained (position t predicts the item at t + 1, from each skip on)."""
+    items, lengths = pad([window for window, _ in batch])
+    skips = torch.tensor([skip for _, skip in batch])
+    positions = torch.arange(items.shape[1] - 1).unsqueeze(0)
+    return items, lengths, (positions < (lengths - 1).unsqueeze(1)) & (positions >= skips.unsqueeze(1))
 
 
 def seen_items(items: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -201,11 +237,9 @@ def train_epoch(
     """
     model.train()
     total, positions = 0.0, 0
-    for batch in _batches(sequences, config.batch_users, generator):
-        items, lengths = pad([sequences[u] for u in batch])
+    for batch in _batches(training_windows(sequences, config.max_len), config.batch_users, generator):
+        items, lengths, valid = batch_tensors(batch)
         user_vectors, _, _ = model(items[:, :-1], lengths - 1)
-        # Position t's user vector predicts the item at t + 1.
-        valid = torch.arange(items.shape[1] - 1).unsqueeze(0) < (lengths - 1).unsqueeze(1)
         targets = items[:, 1:][valid]
         negatives = seen = None
         if config.loss == "bpr":

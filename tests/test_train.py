@@ -216,6 +216,9 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--seen-penalty", "1", "--loss", "bpr"], "seen_penalty applies to the ce loss only"),
     (["--lr-decay", "1"], "lr_decay must be in [0, 1), got 1.0"),
     (["--lr-patience", "-1"], "lr_patience must be >= 0, got -1"),
+    (["--max-len", "-1"], "max_len must be >= 0, got -1"),
+    (["--max-len", "50", "--seen-penalty", "1"],
+     "seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items"),
 ])
 def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str], message: str) -> None:
     import subprocess
@@ -227,3 +230,40 @@ def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str],
     assert result.returncode == 2
     assert result.stderr.strip() == f"ksr train: {message}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_len", [1, 2, 3, 7, 50])
+def test_training_windows_predict_every_target_once_from_at_least_max_len_items(max_len: int) -> None:
+    """Over a user's windows the trained positions' targets are its items after the first, each once
+    and in order, and each is predicted from min(max_len, its history) to 2 * max_len - 1 items."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 100, size=n) for n in (1, 2, 3, 10, 49, 50, 51, 120)]
+    for sequence in sequences:
+        windows = training.training_windows([sequence], max_len)
+        if len(sequence) < 2:
+            assert windows == []
+            continue
+        items, _, valid = training.batch_tensors(windows)
+        targets, contexts = [], []
+        for row in range(len(windows)):
+            for position in torch.nonzero(valid[row]).flatten().tolist():
+                targets.append(int(items[row, position + 1]))
+                contexts.append(position + 1)  # the items the user vector at `position` has seen
+        assert targets == sequence[1:].tolist()
+        for index, context in enumerate(contexts, start=1):  # target `index` of the sequence
+            assert min(max_len, index) <= context <= max(2 * max_len - 1, min(max_len, index)), (index, context)
+    # max_len 0 (the default): whole sequences, every position trained.
+    whole = training.training_windows(sequences, 0)
+    assert [len(w) for w, _ in whole] == [2, 3, 10, 49, 50, 51, 120] and {skip for _, skip in whole} == {0}
+
+
+def test_training_on_windows_runs_and_is_recorded(toy, monkeypatch) -> None:
+    dataset, root = toy
+    monkeypatch.setenv("KSR_CACHE_DIR", str(root / "cache"))
+    config = KSRConfig(n_items=dataset.n_items, **SMALL)
+    settings = training.TrainConfig(epochs=2, patience=100, threads=1, batch_users=4, max_len=3)
+    meta = training.train(dataset, root / "windows", settings, config, TransEConfig(dim=8, epochs=2))
+    assert meta["train"]["max_len"] == 3 and len(meta["history"]) == 2
+    assert all(0 < epoch["loss"] < 100 for epoch in meta["history"])

@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
             seen_penalty=args.seen_penalty, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
-            item_init_std=args.item_init_std,
+            item_init_std=args.item_init_std, max_len=args.max_len,
         )
     except ValueError as error:
         print(f"ksr train: {error}", file=sys.stderr)
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply the learning rate by this after --lr-patience epochs without a "
                         "validation gain (0 = constant rate)")
     p.add_argument("--lr-patience", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=0,
+                   help="train on windows: targets in runs of this many, each fed up to this many "
+                        "earlier items (0 = whole sequences; evaluation keeps the whole history)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--item-init-std", type=float, default=0.02,
                    help="initial item embeddings ~ N(0, std^2) (1: the scale of PyTorch's default)")
