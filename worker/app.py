@@ -25,6 +25,7 @@ import weakref
 
 import aiokafka.producer.sender
 import faust
+import rocksdict
 from faust.streams import _current_event  # faust-streaming is pinned; see handle
 from faust.types import TP
 
@@ -36,6 +37,7 @@ from worker.ledger import BrokerOffsets, Delivery, OffsetLedger
 from worker.logfilter import quiet_repeated_kafka_errors
 from worker.processing import BatchProcessor, Source
 from worker.state import StateDecodeError, StoredUser, decode, encode
+from worker.store import SharedCacheOptions
 
 log = logging.getLogger("ksr.worker")
 
@@ -207,15 +209,18 @@ class Worker:
             value_type=bytes,
             # Per partition: Faust's defaults (64 MiB x 3 write buffers, a 2 GiB block cache, bloom
             # filters of 3 bits per key, false positives for about a quarter of absent keys) let the
-            # worker's memory grow by gigabytes as the table fills.
+            # worker's memory grow by gigabytes as the table fills. The block cache is shared (below).
             options={
                 "driver": "rocksdict",
                 "write_buffer_size": settings.rocksdb_write_buffer_mb << 20,
                 "max_write_buffer_number": 2,
-                "block_cache_size": settings.rocksdb_block_cache_mb << 20,
                 "bloom_filter_size": 10,
             },
         )
+        # One block cache for every partition's store (worker.store): the bound is the worker's.
+        self.block_cache = rocksdict.Cache(settings.rocksdb_block_cache_mb << 20)
+        store = self.user_state.data
+        store.rocksdb_options = SharedCacheOptions(self.block_cache, **store.options)
         # Tables take their serializers from Record types only; states are our own bytes
         # (worker.state), so override before the store and changelog topic are created.
         self.user_state.key_serializer = "raw"
@@ -795,7 +800,7 @@ class Worker:
             except (RuntimeError, OSError) as error:  # a partition DB closing during a rebalance
                 log.debug("users gauge: skipped a partition (%s)", error)
         metrics.USERS_IN_STATE.set(total)
-        metrics.sample_memory(list(getattr(store, "_dbs", {}).values()))
+        metrics.sample_memory(list(getattr(store, "_dbs", {}).values()), self.block_cache)
 
 
 def release_free_memory() -> bool:

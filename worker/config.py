@@ -117,7 +117,7 @@ class Settings:
             rocksdb_write_buffer_mb=_positive_int("KSR_ROCKSDB_WRITE_BUFFER_MB", 16),
             fast_delivery=_choice("KSR_FAST_DELIVERY", "1", ("0", "1")) == "1",
             gc_freeze=_choice("KSR_GC_FREEZE", "1", ("0", "1")) == "1",
-            rocksdb_block_cache_mb=_positive_int("KSR_ROCKSDB_BLOCK_CACHE_MB", 16),
+            rocksdb_block_cache_mb=_positive_int("KSR_ROCKSDB_BLOCK_CACHE_MB", 32),
             max_event_bytes=_positive_int("KSR_MAX_EVENT_BYTES", 64 * 1024),
             processing_guarantee=_choice(
                 "KSR_PROCESSING_GUARANTEE", "exactly_once", ("exactly_once", "at_least_once")

@@ -75,8 +75,9 @@ GC_PAUSE_SECONDS = Histogram(
 
 MEMORY_BYTES = Gauge(
     "ksr_memory_bytes",
-    "The worker's memory by part, sampled every 10 s: RocksDB's block caches, memtables and table "
-    "readers (index and filter blocks held outside the caches), summed over the partitions' stores; "
+    "The worker's memory by part, sampled every 10 s: RocksDB's block cache (one, shared by the "
+    "partitions' stores), memtables and table readers (index and filter blocks held outside the "
+    "cache, summed over the stores); "
     "the C heap (glibc's mallinfo2): bytes in use in its heaps, free in them (kept, not yet returned "
     "to the system) and in chunks mapped on their own",
     ["part"],
@@ -147,19 +148,25 @@ def c_heap() -> dict[str, int] | None:
     return {"c_heap_in_use": info.uordblks, "c_heap_free": info.fordblks, "c_heap_mmapped": info.hblkhd}
 
 
-def sample_memory(dbs) -> dict[str, int]:
+def sample_memory(dbs, cache=None) -> dict[str, int]:
     """Set `ksr_memory_bytes` and `ksr_python_allocated_blocks` from the RocksDB stores `dbs`
-    (rocksdict `Rdict`s), the C heap and the interpreter; returns the parts set. A store that
-    fails to answer (closing during a rebalance) is left out of the sums."""
+    (rocksdict `Rdict`s), the C heap and the interpreter; returns the parts set. With `cache` (a
+    rocksdict `Cache` all the stores share) the block cache is its usage, counted once; without, the
+    stores' own caches summed. A store that fails to answer (closing during a rebalance) is left out
+    of the sums."""
     import sys
 
     parts = dict.fromkeys(ROCKSDB_MEMORY, 0)
     for db in dbs:
         for part, prop in ROCKSDB_MEMORY.items():
+            if part == "rocksdb_block_cache" and cache is not None:
+                continue
             try:
                 parts[part] += int(db.property_int_value(prop) or 0)
             except (RuntimeError, OSError):
                 pass
+    if cache is not None:
+        parts["rocksdb_block_cache"] = int(cache.get_usage())
     parts.update(c_heap() or {})
     for part, value in parts.items():
         MEMORY_BYTES.labels(part).set(value)
