@@ -254,6 +254,8 @@ class Worker:
         if self.delivery is not None:
             self.delivery.install()
         self._freeze_startup_heap()
+        # The memory gauges from the start (the timer samples them every 10 s once the tables are up).
+        metrics.sample_memory(list(getattr(self.user_state.data, "_dbs", {}).values()), self.block_cache)
         caught_up = asyncio.Event()
         idle_commits = None
         if self.app.in_transaction and self.settings.commit_when_idle:
