@@ -799,10 +799,12 @@ class Worker:
         for db in getattr(store, "_dbs", {}).values():
             try:
                 total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-            except (RuntimeError, OSError) as error:  # a partition DB closing during a rebalance
+            except (RuntimeError, OSError, rocksdict.DbClosedError) as error:  # closed in a rebalance
                 log.debug("users gauge: skipped a partition (%s)", error)
         metrics.USERS_IN_STATE.set(total)
-        metrics.sample_memory(list(getattr(store, "_dbs", {}).values()), self.block_cache)
+        # Off the event loop, as the trim is: glibc's mallinfo2 walks the heap's free chunks (tens of
+        # milliseconds with a hundred thousand of them).
+        await asyncio.to_thread(metrics.sample_memory, list(getattr(store, "_dbs", {}).values()), self.block_cache)
 
 
 def release_free_memory() -> bool:

@@ -156,6 +156,8 @@ def sample_memory(dbs, cache=None) -> dict[str, int]:
     of the sums."""
     import sys
 
+    from rocksdict import DbClosedError
+
     parts = dict.fromkeys(ROCKSDB_MEMORY, 0)
     for db in dbs:
         for part, prop in ROCKSDB_MEMORY.items():
@@ -163,7 +165,7 @@ def sample_memory(dbs, cache=None) -> dict[str, int]:
                 continue
             try:
                 parts[part] += int(db.property_int_value(prop) or 0)
-            except (RuntimeError, OSError):
+            except (RuntimeError, OSError, DbClosedError):
                 pass
     if cache is not None:
         parts["rocksdb_block_cache"] = int(cache.get_usage())
