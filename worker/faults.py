@@ -351,6 +351,10 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
               "start_watchdog_restarts": log.count("has not started in"),
               "worker_log_lines": log.count("\n"),
               "worker_alive_at_end": worker_survived, "producer_failures": producer.failures}
+    if freeze and not result["worker_restarts"]:
+        # A hung broker should have left a commit waiting past the watchdog; what the worker did
+        # instead is in the end of its log.
+        result["worker_log_tail"] = log[-4000:]
     _clean_up(stream.base, result)
     return result
 
