@@ -213,9 +213,10 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     # The recurrence ran, at most one step per event (a batch of only bad events runs none).
     assert 1 <= samples["ksr_model_steps_total"] <= samples["ksr_batch_size_sum"]
     # Every 10 s the worker samples its memory by part: the replayed users' states sit in RocksDB's
-    # memtables, and the C heap holds them, the model and the rest.
+    # memtables, and the C heap holds them, the model and the rest. (The sample taken when the agent
+    # starts comes before the stores open, so wait for a timer's.)
     deadline = time.monotonic() + 30
-    while 'ksr_memory_bytes{part="rocksdb_memtables"}' not in samples and time.monotonic() < deadline:
+    while not samples.get('ksr_memory_bytes{part="rocksdb_memtables"}') and time.monotonic() < deadline:
         time.sleep(1)
         samples = scrape(worker.metrics_url)
     memory = {line.split('"')[1]: value for line, value in samples.items() if line.startswith("ksr_memory_bytes{")}
