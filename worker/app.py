@@ -255,7 +255,7 @@ class Worker:
             self.delivery.install()
         self._freeze_startup_heap()
         # The memory gauges from the start (the timer samples them every 10 s once the tables are up).
-        metrics.sample_memory(list(getattr(self.user_state.data, "_dbs", {}).values()), self.block_cache)
+        metrics.sample_memory(self._stores(), self.block_cache)
         caught_up = asyncio.Event()
         idle_commits = None
         if self.app.in_transaction and self.settings.commit_when_idle:
@@ -792,19 +792,17 @@ class Worker:
         """
         await asyncio.to_thread(release_free_memory)
 
+    def _stores(self) -> list:
+        """The RocksDB stores (rocksdict `Rdict`s) of the partitions this worker holds now."""
+        return list(getattr(self.user_state.data, "_dbs", {}).values())
+
     async def _sample_gauges(self) -> None:
         """Every 10 s: the users in this worker's stores and its memory by part (worker.metrics)."""
-        store = self.user_state.data
-        total = 0
-        for db in getattr(store, "_dbs", {}).values():
-            try:
-                total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-            except (RuntimeError, OSError, rocksdict.DbClosedError) as error:  # closed in a rebalance
-                log.debug("users gauge: skipped a partition (%s)", error)
-        metrics.USERS_IN_STATE.set(total)
+        stores = self._stores()
+        metrics.USERS_IN_STATE.set(metrics.store_property(stores, "rocksdb.estimate-num-keys"))
         # Off the event loop, as the trim is: glibc's mallinfo2 walks the heap's free chunks (tens of
         # milliseconds with a hundred thousand of them).
-        await asyncio.to_thread(metrics.sample_memory, list(getattr(store, "_dbs", {}).values()), self.block_cache)
+        await asyncio.to_thread(metrics.sample_memory, stores, self.block_cache)
 
 
 def release_free_memory() -> bool:

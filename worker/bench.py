@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
-from worker.metrics import AGENT_PHASE, ROCKSDB_MEMORY
+from worker.metrics import AGENT_PHASE, C_HEAP, ROCKSDB_MEMORY
 from worker.replay import paced_async
 
 
@@ -208,8 +208,7 @@ _WATCHED = ("ksr_recommendations_total", "process_resident_memory_bytes", "proce
             "ksr_batch_size_sum", "ksr_batch_size_count", "ksr_model_steps_total")
 # The worker's memory by part (worker.metrics.sample_memory, every 10 s), as named on the metrics page.
 MEMORY_PARTS = {
-    **{part: f'ksr_memory_bytes{{part="{part}"}}' for part in (
-        *ROCKSDB_MEMORY, "c_heap_in_use", "c_heap_free", "c_heap_mmapped")},
+    **{part: f'ksr_memory_bytes{{part="{part}"}}' for part in (*ROCKSDB_MEMORY, *C_HEAP)},
     "python_allocated_blocks": "ksr_python_allocated_blocks",
 }
 
@@ -420,8 +419,9 @@ def _rss_growth(samples: list[tuple], count: int) -> dict:
 
     def part(sample: tuple, name: str) -> float | None:
         value = sample[7].get(f"memory:{name}")
-        return None if value is None else round(value, 0) if name == "python_allocated_blocks" else round(
-            value / 2**20, 1)
+        if value is None or name == "python_allocated_blocks":  # a count, not bytes
+            return value
+        return round(value / 2**20, 1)
 
     return {"rss_mb_at_20pct": round(first[1] / 2**20, 1), "rss_mb_max_after": round(peak[1] / 2**20, 1),
             "rss_growth_last_80pct": round(peak[1] / first[1] - 1, 4),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import Sequence
 
@@ -129,9 +130,13 @@ ROCKSDB_MEMORY = {
 }
 
 
+# The C heap's parts of `ksr_memory_bytes`, as glibc's mallinfo2 fields they are read from.
+C_HEAP = {"c_heap_in_use": "uordblks", "c_heap_free": "fordblks", "c_heap_mmapped": "hblkhd"}
+
+
 def c_heap() -> dict[str, int] | None:
-    """The C heap's bytes by part (glibc's mallinfo2: in use, free, mapped on their own), or None
-    where the C library is not glibc 2.33 or later."""
+    """The C heap's bytes by part (C_HEAP: in use, free, mapped on their own), or None where the C
+    library is not glibc 2.33 or later."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -145,7 +150,21 @@ def c_heap() -> dict[str, int] | None:
         return None
     mallinfo2.restype = MallInfo2
     info = mallinfo2()
-    return {"c_heap_in_use": info.uordblks, "c_heap_free": info.fordblks, "c_heap_mmapped": info.hblkhd}
+    return {part: getattr(info, field) for part, field in C_HEAP.items()}
+
+
+def store_property(dbs, prop: str) -> int:
+    """RocksDB's integer property `prop` summed over the stores `dbs` (rocksdict `Rdict`s); a store
+    that fails to answer (closed during a rebalance) is left out."""
+    from rocksdict import DbClosedError
+
+    total = 0
+    for db in dbs:
+        try:
+            total += int(db.property_int_value(prop) or 0)
+        except (RuntimeError, OSError, DbClosedError) as error:
+            logging.getLogger("ksr.worker").debug("%s: skipped a partition's store (%s)", prop, error)
+    return total
 
 
 def sample_memory(dbs, cache=None) -> dict[str, int]:
@@ -156,17 +175,8 @@ def sample_memory(dbs, cache=None) -> dict[str, int]:
     of the sums."""
     import sys
 
-    from rocksdict import DbClosedError
-
-    parts = dict.fromkeys(ROCKSDB_MEMORY, 0)
-    for db in dbs:
-        for part, prop in ROCKSDB_MEMORY.items():
-            if part == "rocksdb_block_cache" and cache is not None:
-                continue
-            try:
-                parts[part] += int(db.property_int_value(prop) or 0)
-            except (RuntimeError, OSError, DbClosedError):
-                pass
+    parts = {part: store_property(dbs, prop) for part, prop in ROCKSDB_MEMORY.items()
+             if not (part == "rocksdb_block_cache" and cache is not None)}
     if cache is not None:
         parts["rocksdb_block_cache"] = int(cache.get_usage())
     parts.update(c_heap() or {})
