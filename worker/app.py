@@ -800,8 +800,8 @@ class Worker:
         """Every 10 s: the users in this worker's stores and its memory by part (worker.metrics)."""
         stores = self._stores()
         metrics.USERS_IN_STATE.set(metrics.store_property(stores, "rocksdb.estimate-num-keys"))
-        # Off the event loop, as the trim is: glibc's mallinfo2 walks the heap's free chunks (tens of
-        # milliseconds with a hundred thousand of them).
+        # Off the event loop, as the trim is: glibc's mallinfo2 walks the heap's free chunks, which
+        # takes longer the more of them there are.
         await asyncio.to_thread(metrics.sample_memory, stores, self.block_cache)
 
 
