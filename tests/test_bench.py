@@ -82,6 +82,8 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert all(part is not None and part >= 0 for pair in parts.values() for part in pair), parts
     assert min(parts["c_heap_in_use"]) > 10 and min(parts["python_allocated_blocks"]) > 100_000, parts
     assert "worker_loop_thread_busy" in figures
+    # The workers' own count of answers over time (None when the backlog drained between two samples).
+    assert figures["worker_emit_eps"] is None or figures["worker_emit_eps"] > 0
     agent = figures["worker_agent_ms_per_event"]  # None when the backlog drained between two samples
     assert agent is None or (agent["process"] > 0 and agent["send"] > 0), agent
     assert figures["worker_mean_batch"] is None or 1 <= figures["worker_mean_batch"] <= 256  # KSR_BATCH_SIZE
@@ -199,7 +201,12 @@ def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:
 
 
 def test_machine_and_loop_figures_are_rates_over_the_middle_of_the_backlog() -> None:
-    from worker.bench import _loop_thread_busy, _machine_busy_seconds, _machine_cores_busy
+    from worker.bench import (
+        _emit_eps,
+        _loop_thread_busy,
+        _machine_busy_seconds,
+        _machine_cores_busy,
+    )
 
     # (answered, rss, cpu, loop cpu, time, batch-size sum, batch count, phases, machine busy s):
     # between the middle samples 1 s passed, the machine's cores were busy 1.5 s and the loop
@@ -208,6 +215,7 @@ def test_machine_and_loop_figures_are_rates_over_the_middle_of_the_backlog() -> 
                (800, 1, 0, 1.8, 2, 0, 0, {}, 12.5), (990, 1, 0, 3.0, 3, 0, 0, {}, 20.0)]
     assert _machine_cores_busy(samples, 1000) == 1.5
     assert _loop_thread_busy(samples, 1000, workers=2) == 0.8
+    assert _emit_eps(samples, 1000) == 600.0  # (800 - 200) answers in 1 s
     assert _machine_cores_busy(samples[:2], 1000) is None
     first = _machine_busy_seconds()
     sum(i * i for i in range(2_000_000))  # keep a core busy for a moment

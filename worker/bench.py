@@ -359,6 +359,13 @@ def _middle_rate(samples: list[tuple], count: int, numerator: int, denominator: 
     return (last[numerator] - first[numerator]) / (last[denominator] - first[denominator])
 
 
+def _emit_eps(samples: list[tuple], count: int) -> float | None:
+    """Answers the workers emitted per second of wall time over the middle 80% of the backlog, by
+    their own count (when each answer was made, not when its record was stamped)."""
+    rate = _middle_rate(samples, count, 0, 4)
+    return None if rate is None else round(rate, 1)
+
+
 def _cpu_per_event(samples: list[tuple], count: int) -> float | None:
     """The worker's CPU seconds (all its threads) per output over the middle 80% of the backlog,
     in milliseconds: what the worker spends per event, a figure a busy machine disturbs far less
@@ -572,6 +579,9 @@ def bench_throughput(
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
         "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
+        # The same middle of the backlog by the workers' own count of answers emitted (metrics
+        # page, wall clock): a check on worker_eps, which dates the answers by their records.
+        "worker_emit_eps": _emit_eps(samples, events),
         "worker_loop_thread_busy": _loop_thread_busy(samples, events, workers),
         # Over the same stretch, how many of the machine's cores were busy (all processes: the
         # workers, the broker, this benchmark): near the core count, the machine is the bound.
