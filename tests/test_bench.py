@@ -71,6 +71,13 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert 0 <= figures["emit_p50_ms"] <= figures["p50_ms"] and figures["emit_p99_ms"] <= figures["p99_ms"]
     # The raw pipe answered the same paced events through its echo.
     assert 0 < figures["raw_pipe_p50_ms"] <= figures["raw_pipe_p99_ms"]
+    # The latency phase's events' ages on their way through the worker (bucket bounds): each was
+    # fetched before its batch started, so no quantile of the first can exceed the second's.
+    ages = figures["event_age_p50_p99_ms_bounds"]
+    assert set(ages) == {"fetched", "batched"}, ages
+    for stage, (p50, p99) in ages.items():
+        assert p50 is not None and 0 < p50 <= p99, (stage, ages)
+    assert all(fetched <= batched for fetched, batched in zip(ages["fetched"], ages["batched"])), ages
     # Exactly-once (the default): the answers the latency phase saw were made visible by commits.
     assert figures["commits"] >= 1 and figures["commit_p50_ms_bound"] is not None
     assert figures["data"] == "ml-100k" and figures["users"] > 0

@@ -202,6 +202,10 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
     # ... some of them as soon as the agent caught up (KSR_COMMIT_WHEN_IDLE), counted among them.
     assert 1 <= samples["ksr_idle_commits_total"] <= samples["ksr_commit_seconds_count"]
     assert samples["ksr_event_to_recommendation_seconds_count"] >= REPLAYED
+    # Every answered event's age was taken on its way: when fetched (direct delivery, the default)
+    # and when its batch started.
+    for stage in ("fetched", "batched"):
+        assert samples[f'ksr_event_age_seconds_count{{stage="{stage}"}}'] >= REPLAYED, stage
     # KSR_GC_FREEZE (on by default) collected once and froze the start-up heap, timed like any collection.
     assert samples['ksr_gc_pause_seconds_count{generation="2"}'] >= 1
     assert samples["ksr_gc_frozen_objects"] > 10_000

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import REPO_ROOT, Settings
-from worker.metrics import AGENT_PHASE, C_HEAP, ROCKSDB_MEMORY
+from worker.metrics import AGENT_PHASE, C_HEAP, EVENT_AGE, ROCKSDB_MEMORY
 from worker.replay import paced_async
 
 
@@ -554,9 +554,11 @@ def bench_throughput(
         paced = _events(dataset, latency_events, offset=events)
         commits_before = _histograms(urls, "ksr_commit_seconds")
         full_gc_before = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
+        ages_before = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
         trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, processes))
         commits_after = _histograms(urls, "ksr_commit_seconds")
         full_gc_after = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
+        ages_after = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
     finally:
         for process in processes:
             _stop(process, 60)
@@ -598,6 +600,13 @@ def bench_throughput(
         # aiokafka echo with no model (the floor this machine and broker give).
         **_latency_figures(trace),
         **_latency_figures(raw_trace, prefix="raw_pipe_"),
+        # Where the events of that phase waited before being answered: their age when the worker's
+        # fetch loop had them and when their batch started (p50 and p99, bucket bounds; the worker's
+        # ksr_event_age_seconds), beside emit_p50_ms / emit_p99_ms (answered) and p50_ms / p99_ms (seen).
+        "event_age_p50_p99_ms_bounds": {
+            stage: [_ms(_bucket_quantile(ages_before[stage], ages_after[stage], q)) for q in (0.50, 0.99)]
+            for stage in EVENT_AGE
+        },
         "latency_rate_eps": round(rate, 1),
         "latency_events": len(trace),
         # How long the worker's commits took in that phase (bucket bounds), and how many there were.

@@ -34,6 +34,16 @@ LATENCY_SECONDS = Histogram(
     "From the event's Kafka timestamp to its recommendation being emitted",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+EVENT_AGE_SECONDS = Histogram(
+    "ksr_event_age_seconds",
+    "An event's age (from its Kafka timestamp) on its way through the worker: when the fetch loop "
+    "hands it to the agent's queue (fetched; direct delivery only) and when its batch starts (batched); "
+    "ksr_event_to_recommendation_seconds is its age when answered",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+# One child per stage, made here so that both are on the page from the start.
+EVENT_AGE = {stage: EVENT_AGE_SECONDS.labels(stage) for stage in ("fetched", "batched")}
 COMMIT_SECONDS = Histogram(
     "ksr_commit_seconds",
     "Offset commit time (under exactly-once: the transactions' commit, partitions side by side)",
