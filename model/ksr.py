@@ -380,6 +380,7 @@ def sequence_loss(
     negatives: Tensor | None = None,
     seen: Tensor | None = None,
     seen_penalty: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Next-item loss at the given positions.
 
@@ -389,11 +390,17 @@ def sequence_loss(
     seen (P, N) bool, with `seen_penalty` > 0 (CE only): adds seen_penalty * -log(1 - P_seen), where
     P_seen is the softmax mass on the items the user had consumed by that position. Training only:
     the model and its scores are unchanged; it teaches them that an item is not consumed twice.
+    label_smoothing eps > 0 (plain CE only): (1 - eps) * -log p(target) + eps * the mean of -log p over
+    the real items (the padding item gets no share).
     """
     item_vectors = model.item_vectors()
     if loss == "ce":
         logits = user_vectors @ item_vectors.T  # (P, N)
         logits[:, 0] = float("-inf")
+        if label_smoothing > 0:
+            if seen_penalty > 0:
+                raise ValueError("label smoothing and the seen-item penalty do not combine")
+            return F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=label_smoothing)
         if seen_penalty <= 0:
             return F.cross_entropy(logits, targets)
         if seen is None:

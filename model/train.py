@@ -60,6 +60,9 @@ class TrainConfig:
     # earlier items before it from a fresh state, so every target is predicted once per epoch from at
     # least min(max_len, its history) items. Evaluation and serving keep the whole history.
     max_len: int = 0
+    # > 0 (CE only): label smoothing, the target's share of the loss (1 - eps) and the rest spread
+    # evenly over every real item (`sequence_loss`); 0 is plain cross-entropy.
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
@@ -77,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
         if self.max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {self.max_len}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and (self.loss != "ce" or self.seen_penalty > 0):
+            raise ValueError("label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)")
         if self.max_len > 0 and self.seen_penalty > 0:
             raise ValueError("seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items")
 
@@ -247,7 +254,7 @@ def train_epoch(
         if config.seen_penalty > 0:
             seen = seen_items(items[:, :-1], model.config.n_items)[valid]
         loss = sequence_loss(model, user_vectors[valid], targets, config.loss, negatives,
-                             seen, config.seen_penalty)
+                             seen, config.seen_penalty, config.label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -192,6 +192,31 @@ def test_the_seen_penalty_adds_minus_log_of_the_unseen_mass_to_cross_entropy() -
         sequence_loss(model, users, targets, seen_penalty=1.0)
 
 
+def test_label_smoothing_spreads_a_share_of_the_loss_over_the_real_items() -> None:
+    from torch.nn import functional as F
+
+    from model.ksr import KSR, sequence_loss
+
+    torch.manual_seed(0)
+    model = KSR(KSRConfig(n_items=7, n_relations=0, item_dim=4, hidden_dim=4, out_dim=4, memory=False))
+    users = torch.randn(3, 4)
+    targets = torch.tensor([1, 5, 6])
+    with torch.no_grad():
+        logits = users @ model.item_vectors().T
+        logits[:, 0] = float("-inf")
+        log_probs = F.log_softmax(logits, dim=-1)[:, 1:]  # the real items; padding has no probability
+        nll = -log_probs.gather(1, (targets - 1).unsqueeze(1)).squeeze(1)
+        spread = -log_probs.mean(-1)
+    for eps in (0.1, 0.5):
+        smoothed = sequence_loss(model, users, targets, label_smoothing=eps)
+        assert torch.isfinite(smoothed)
+        torch.testing.assert_close(smoothed, ((1 - eps) * nll + eps * spread).mean())
+    torch.testing.assert_close(sequence_loss(model, users, targets, label_smoothing=0.0), nll.mean())
+    with pytest.raises(ValueError, match="do not combine"):
+        sequence_loss(model, users, targets, seen=torch.zeros(3, 7, dtype=torch.bool), seen_penalty=1.0,
+                      label_smoothing=0.1)
+
+
 def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) -> None:
     """Same seed and data: the penalty moves the model's top 10 away from what users consumed."""
     dataset, root = toy
@@ -217,6 +242,9 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--lr-decay", "1"], "lr_decay must be in [0, 1), got 1.0"),
     (["--lr-patience", "-1"], "lr_patience must be >= 0, got -1"),
     (["--max-len", "-1"], "max_len must be >= 0, got -1"),
+    (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
+    (["--label-smoothing", "0.1", "--loss", "bpr"],
+     "label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)"),
     (["--max-len", "50", "--seen-penalty", "1"],
      "seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items"),
 ])

@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, seed=args.seed,
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
             seen_penalty=args.seen_penalty, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
-            item_init_std=args.item_init_std, max_len=args.max_len,
+            item_init_std=args.item_init_std, max_len=args.max_len, label_smoothing=args.label_smoothing,
         )
     except ValueError as error:
         print(f"ksr train: {error}", file=sys.stderr)
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seen-penalty", type=float, default=0.0,
                    help="ce only: also penalise the probability of items the user already consumed, "
                         "weight -log(1 - P(seen)) by this (training only; 0 = off)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="ce only: the target keeps 1 - this of the loss, the rest spread over all items (0 = off)")
     p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
     p.add_argument("--threads", type=_at_least_one, default=2)
     p.add_argument("--item-dim", type=int, default=64)
