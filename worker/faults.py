@@ -10,6 +10,7 @@ between the users' final states (read from the changelog) and an uninterrupted c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -312,9 +313,10 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
 
     `stop_when_logged`: count `stop_after` from the moment this text appears in the worker's log
     (a step of its start, say), not from the start of the load.
-    `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) from
-    `stop_after` seconds after the worker's first answer: a hung broker, whose connections stay open
-    and whose answers never come, so that the requests under way (a commit) wait rather than fail.
+    `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) at the
+    worker's first answer `stop_after` seconds after its first answer, while that answer's
+    transaction is open: a hung broker, whose connections stay open and whose answers never come,
+    so that the requests under way (the commit) wait rather than fail.
     `env_extra`: worker settings for this run (KSR_COMMIT_TIMEOUT_S, say).
     """
     from worker import broker
@@ -330,7 +332,12 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
             _wait_for_log(worker, stop_when_logged, timeout)
         time.sleep(stop_after)
         if freeze:
-            with broker.suspended():
+            # Hang the broker while one of the worker's transactions is open, so that its commit
+            # waits. (Between events, with everything committed, a worker has nothing under way to
+            # wait for, and rightly sits idle until the broker is back: one in many runs froze it
+            # there when the hang came at a set time.)
+            with _open_transaction_seen(bootstrap, stream.env["KSR_TOPIC_RECOMMENDATIONS"], timeout), \
+                    broker.suspended():
                 time.sleep(outage_s)
         else:
             broker.stop()
@@ -357,6 +364,30 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
         result["worker_log_tail"] = log[-4000:]
     _clean_up(stream.base, result)
     return result
+
+
+@contextlib.contextmanager
+def _open_transaction_seen(bootstrap: str, topic: str, timeout: float):
+    """Enter as soon as a record reaches `topic` from now on, as a read_uncommitted reader sees it:
+    the worker has sent an answer, and its transaction's commit (a few round trips to the broker)
+    has at best just begun. Raises TimeoutError when none comes within `timeout` seconds."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted", fetch_max_wait_ms=5,
+                           enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
+        reader.assign(partitions)
+        reader.seek_to_end(*partitions)
+        for partition in partitions:
+            reader.position(partition)  # the end now, before anything new arrives
+        deadline = time.monotonic() + timeout
+        while not reader.poll(timeout_ms=100):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no record reached {topic} within {timeout}s")
+        yield
+    finally:
+        reader.close()
 
 
 def _wait_for_log(worker: WorkerProcess, text: str, timeout: float) -> None:
