@@ -7,6 +7,7 @@ broker; these pin down the loop's bookkeeping one case at a time.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from types import SimpleNamespace
 from weakref import WeakSet
@@ -20,8 +21,9 @@ TOPIC = "interactions"
 
 
 class Message:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
+    def __init__(self, topic: str, partition: int, offset: int, timestamp: float | None = None) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
+        self.timestamp = time.time() if timestamp is None else timestamp  # Kafka's, in seconds (as Faust's)
         self.tp = (topic, partition)
         self.acked = False
 
@@ -119,6 +121,25 @@ def test_the_topic_goes_to_the_queue_in_order_and_every_other_topic_to_fausts_ca
     ]
     assert [repr(m) for m in consumer.delivered] == ["changelog-0@7", "changelog-0@8"]
     assert consumer._read_offset[(TOPIC, 0)] == 1 and consumer._read_offset[("changelog", 0)] == 8
+
+
+def test_the_fetch_loop_records_the_age_of_each_event_it_queues() -> None:
+    from worker import metrics
+
+    fetched = metrics.EVENT_AGE["fetched"]
+    before = fetched._sum.get(), sum(bucket.get() for bucket in fetched._buckets)
+    old = time.time() - 0.3  # produced 0.3 s before the fetch loop has it
+    fetches = [[Message(TOPIC, 0, 0, old), Message("changelog", 0, 7, old), Message(TOPIC, 1, 0, old)]]
+
+    async def main():
+        delivery, consumer, fetcher = make(fetches)
+        await consumer._drain_messages(fetcher)
+        return await take(delivery, 10, 2)
+
+    run(main())
+    total, count = fetched._sum.get() - before[0], sum(bucket.get() for bucket in fetched._buckets) - before[1]
+    assert count == 2, "the interactions only, each once"
+    assert 0.6 <= total < 0.7, total
 
 
 def test_a_batch_takes_a_share_of_every_partition_queued_each_in_its_order() -> None:
