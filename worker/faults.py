@@ -314,8 +314,8 @@ def broker_outage(bootstrap: str, checkpoint: str, events: int = 3000, rate: flo
     `stop_when_logged`: count `stop_after` from the moment this text appears in the worker's log
     (a step of its start, say), not from the start of the load.
     `freeze`: instead of stopping it, suspend the broker's process (SIGSTOP, then SIGCONT) at the
-    worker's first answer `stop_after` seconds after its first answer, while that answer's
-    transaction is open: a hung broker, whose connections stay open and whose answers never come,
+    first answer the worker sends once `stop_after` seconds have passed since its first one, while
+    that answer's transaction is open: a hung broker, whose connections stay open and whose answers never come,
     so that the requests under way (the commit) wait rather than fail.
     `env_extra`: worker settings for this run (KSR_COMMIT_TIMEOUT_S, say).
     """
