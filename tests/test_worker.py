@@ -417,3 +417,16 @@ def test_a_batch_of_latencies_is_counted_as_observing_each_one() -> None:
         assert exposition["batch"][key] == pytest.approx(value), key
     assert exposition["batch"]['latency_bucket{le="0.001"}'] == 2  # 0.0 and 0.001 (on the bound)
     assert exposition["batch"]['latency_bucket{le="+Inf"}'] == len(amounts)
+
+
+def test_event_ages_count_from_the_kafka_timestamp_and_never_below_zero() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from worker import metrics
+
+    histogram = Histogram("age", "test", buckets=(0.1, 1, 10), registry=CollectorRegistry())
+    now = time.time()
+    metrics.observe_ages(histogram, [now - 5.0, now - 0.5, now + 60.0])  # the last one stamped ahead of us
+    counts = [bucket.get() for bucket in histogram._buckets]
+    assert counts == [1, 1, 1, 0]  # 0 (clamped), 0.5, 5
+    assert 5.5 <= histogram._sum.get() < 5.6

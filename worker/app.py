@@ -600,8 +600,7 @@ class Worker:
             Source(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
             for m in messages
         ]
-        now = time.time()
-        metrics.observe_many(metrics.EVENT_AGE["batched"], [max(0.0, now - source.timestamp) for source in sources])
+        metrics.observe_ages(metrics.EVENT_AGE["batched"], [source.timestamp for source in sources])
         # One model forward for the whole batch, whichever partitions its events came from.
         # No current event while loading states: the RocksDB store would then look every user up
         # in that event's partition only.

@@ -193,8 +193,7 @@ class DirectDelivery:
                     # Not while a rebalance has flow suspended; what was fetched before it is
                     # queued after it, and the ledger skips it as from an old generation.
                     await acquire_flow()
-                    now = time.time()
-                    metrics.observe_many(metrics.EVENT_AGE["fetched"], [max(0.0, now - message.timestamp) for message in mine])
+                    metrics.observe_ages(metrics.EVENT_AGE["fetched"], [message.timestamp for message in mine])
                     self.put(mine)
                     if not self._room.is_set():
                         await self._room.wait()

@@ -201,6 +201,13 @@ def serve(host: str, port: int) -> None:
     start_http_server(port, addr=host)
 
 
+def observe_ages(histogram: Histogram, timestamps: Sequence[float]) -> None:
+    """`observe_many` of each event's age now: seconds since its Kafka timestamp, 0 for one stamped
+    ahead of this clock."""
+    now = time.time()
+    observe_many(histogram, np.maximum(0.0, now - np.asarray(timestamps, dtype=np.float64)))
+
+
 def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
     """`histogram.observe(a)` for every a of `amounts` (a batch's latencies), at one update per
     bucket instead of one bucket search and two locked increments per amount.
