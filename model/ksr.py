@@ -56,6 +56,13 @@ class KSRConfig:
     write_transform: bool = False  # the authors' tanh(W e_i + b) before the write
     dropout: float = 0.3  # on item embeddings, training only
     hidden_dropout: float = 0.0  # on the GRU outputs before f (the user side of scoring), training only
+    score_temperature: float = 0.0  # > 0: f and g end in L2 normalisation, p scaled by 1/tau (score = cos / tau)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.score_temperature < float("inf"):  # also refuses NaN
+            raise ValueError(
+                f"score_temperature must be a finite number >= 0 (0 = the plain dot product), got {self.score_temperature}"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""
@@ -210,7 +217,10 @@ class KSR(nn.Module):
         parts = [self.item_embedding.weight]
         if self.config.memory:
             parts.append(self.item_entity_vectors)
-        return self.item_projection(torch.cat(parts, dim=-1))
+        items = self.item_projection(torch.cat(parts, dim=-1))
+        if self.config.score_temperature > 0:
+            items = F.normalize(items, dim=-1)
+        return items
 
     def user_vector(self, state: UserState) -> tuple[Tensor, Tensor]:
         """p = f([h; m]) and the read weights: state of B users -> (B, O), (B, A)."""
@@ -218,9 +228,14 @@ class KSR(nn.Module):
 
     def _user_vector(self, hidden: Tensor, memory_values: Tensor, evidence: Tensor) -> tuple[Tensor, Tensor]:
         if not self.config.memory:
-            return self.user_projection(hidden), hidden.new_zeros(*hidden.shape[:-1], 0)
+            return self._scaled(self.user_projection(hidden)), hidden.new_zeros(*hidden.shape[:-1], 0)
         read, weights = self.memory_read(hidden, memory_values, evidence)
-        return self.user_projection(torch.cat([hidden, read], dim=-1)), weights
+        return self._scaled(self.user_projection(torch.cat([hidden, read], dim=-1))), weights
+
+    def _scaled(self, user: Tensor) -> Tensor:
+        """The end of f: with a score temperature tau, p / |p| / tau (so p . s = cos(p, s) / tau)."""
+        tau = self.config.score_temperature
+        return user if tau <= 0 else F.normalize(user, dim=-1) / tau
 
     def score(self, state: UserState, item_vectors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Scores over the catalog (B, N) and explanation weights (B, A) for a batch of states.

@@ -63,6 +63,30 @@ def test_relation_count_mismatch_is_reported(tmp_path) -> None:
         checkpoint.load(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("temperature", [-0.1, float("nan"), float("inf")])
+def test_a_bad_score_temperature_is_refused(tmp_path, temperature) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta["config"]["score_temperature"] = temperature
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="score_temperature must be a finite number >= 0"):
+        checkpoint.load(tmp_path / "ck")
+
+
+@torch.no_grad()
+def test_a_score_temperature_round_trips_and_scores_cosines(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck", score_temperature=0.25)
+    model = checkpoint.load(tmp_path / "ck").model
+    assert model.config.score_temperature == 0.25
+    items = model.item_vectors()
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(len(items)))
+    state = model.replay(torch.tensor([[1, 2, 3]]))
+    user, _ = model.user_vector(state)
+    torch.testing.assert_close(user.norm(dim=-1), torch.tensor([4.0]))  # 1 / tau
+    scores, _ = model.score(state, items)
+    assert scores.abs().max() <= 4.0 + 1e-5  # cosines times 1 / tau
+
+
 def test_missing_checkpoint_points_at_ksr_train(tmp_path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="ksr train"):
         checkpoint.load(tmp_path / "nothing-here")

@@ -60,6 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         n_items=dataset.n_items, n_relations=0, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
         out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
         write_transform=args.write_transform, dropout=args.dropout, hidden_dropout=args.hidden_dropout,
+        score_temperature=args.score_temperature,
     )
     transe = TransEConfig(dim=args.kb_dim, norm=args.transe_norm, epochs=args.transe_epochs, seed=args.seed)
     meta = train.train(dataset, args.out, config, model_config, transe)
@@ -161,6 +162,17 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, not {text}")
     return value
 
 
@@ -268,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=False,
                    help="the authors' tanh(W e + b) before the memory write")
     p.add_argument("--dropout", type=float, default=0.3, help="on item embeddings (training only)")
-    p.add_argument("--hidden-dropout", type=float, default=0.0,
+    p.add_argument("--hidden-dropout", type=float, default=0.5,
                    help="on the GRU outputs before scoring (training only)")
+    p.add_argument("--score-temperature", type=_non_negative, default=0.2,
+                   help="score = cos(p, s) / this: f and g end in L2 normalisation (0 = the plain dot product)")
     p.add_argument("--transe-norm", type=int, choices=[1, 2], default=2)
     p.add_argument("--transe-epochs", type=int, default=100)
     p.add_argument("--json", action="store_true")
