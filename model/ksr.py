@@ -235,7 +235,10 @@ class KSR(nn.Module):
     def _scaled(self, user: Tensor) -> Tensor:
         """The end of f: with a score temperature tau, p / |p| / tau (so p . s = cos(p, s) / tau)."""
         tau = self.config.score_temperature
-        return user if tau <= 0 else F.normalize(user, dim=-1) / tau
+        if tau <= 0:
+            return user
+        # F.normalize(user) / tau in fewer operations (a few microseconds less per batch); same eps.
+        return user * ((1.0 / tau) / torch.linalg.vector_norm(user, dim=-1, keepdim=True).clamp_min(1e-12))
 
     def score(self, state: UserState, item_vectors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Scores over the catalog (B, N) and explanation weights (B, A) for a batch of states.
