@@ -154,26 +154,27 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> float:
-    """An argparse type: a finite number above 0."""
+def _finite_number(text: str, zero_allowed: bool) -> float:
+    """A finite number above 0 (or, with `zero_allowed`, at least 0), for the argparse types below."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    above_floor = value >= 0 if zero_allowed else value > 0  # NaN is neither
+    if not (above_floor and value < float("inf")):
+        bound = "of at least 0" if zero_allowed else "above 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
     return value
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    return _finite_number(text, zero_allowed=False)
 
 
 def _non_negative(text: str) -> float:
     """An argparse type: a finite number of at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, not {text}")
-    return value
+    return _finite_number(text, zero_allowed=True)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
