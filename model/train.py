@@ -66,6 +66,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0 writes the initial weights), got {self.epochs}")
         if self.item_init_std is not None and self.item_init_std <= 0:
             raise ValueError(f"item_init_std must be positive, got {self.item_init_std}")
         if not 0.0 <= self.ema < 1.0:

@@ -241,6 +241,7 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--seen-penalty", "1", "--loss", "bpr"], "seen_penalty applies to the ce loss only"),
     (["--lr-decay", "1"], "lr_decay must be in [0, 1), got 1.0"),
     (["--lr-patience", "-1"], "lr_patience must be >= 0, got -1"),
+    (["--epochs", "-1"], "epochs must be >= 0 (0 writes the initial weights), got -1"),
     (["--max-len", "-1"], "max_len must be >= 0, got -1"),
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
     (["--label-smoothing", "0.1", "--loss", "bpr"],
