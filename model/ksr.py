@@ -25,57 +25,20 @@ Options from the memory-network lineage, both in the read (3):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from model.config import KSRConfig
+
 # The serving forward runs the GRU of a wide, full block (at least this many users, and at least
 # this share of its cells real events, not padding) with PyTorch's batched products over the padded
 # block; any other block cell by cell in the compiled loop (model/kernels.py; README, Speed).
 SERVING_BATCHED_GRU_MIN_USERS = 32
 SERVING_BATCHED_GRU_MIN_FILL = 0.75
-
-
-@dataclass(frozen=True)
-class KSRConfig:
-    """Every size and switch of the model; stored in the checkpoint's metadata."""
-
-    n_items: int  # including padding row 0
-    n_relations: int  # A, memory slots (0 when memory is off)
-    kb_dim: int = 64  # D, TransE dimension
-    item_dim: int = 64  # E
-    hidden_dim: int = 128  # H
-    out_dim: int = 64  # O
-    memory: bool = True  # False: the GRU4Rec ablation (no memory, no KB item features)
-    hops: int = 1  # memory reading hops; 1 = KSR as published
-    key_hashing: bool = False  # address only the slots this user has evidence for
-    gamma: float = 10.0  # attention sharpness in the read (RecBole's value)
-    write_transform: bool = False  # the authors' tanh(W e_i + b) before the write
-    dropout: float = 0.3  # on item embeddings, training only
-    hidden_dropout: float = 0.0  # on the GRU outputs before f (the user side of scoring), training only
-    score_temperature: float = 0.0  # > 0: f and g end in L2 normalisation, p scaled by 1/tau (score = cos / tau)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.score_temperature < float("inf"):  # also refuses NaN
-            raise ValueError(
-                f"score_temperature must be a finite number >= 0 (0 = the plain dot product), got {self.score_temperature}"
-            )
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON metadata."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> KSRConfig:
-        """Inverse of `to_dict`; unknown keys are an error so stale checkpoints fail loudly."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer ksr?")
-        return cls(**values)
 
 
 @dataclass

@@ -15,83 +15,19 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import checkpoint
+from model.config import KSRConfig, TrainConfig, TransEConfig
 from model.data import Dataset
 from model.evaluate import LeaveOneOut, evaluate_loo_ksr, evaluate_loo_pop, pad
 from model.knowledge import ItemKnowledge, build_item_knowledge, choose_relations
-from model.ksr import KSR, KSRConfig, sequence_loss
-from model.transe import TransEConfig, TransEEmbeddings, train_transe
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of the recommender's training loop."""
-
-    model: str = "ksr"  # ksr | gru4rec | pop
-    epochs: int = 200
-    patience: int = 10
-    batch_users: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    loss: str = "ce"  # ce | bpr
-    seed: int = 2020
-    relations: int = 10  # memory relations, by item coverage
-    threads: int = 2
-    max_minutes: float | None = None  # wall-clock cap on the recommender's epochs
-    # Item embeddings ~ N(0, std^2) at the start. None is PyTorch's N(0, 1), which Adam's steps barely
-    # move (trained embeddings kept a 0.96 correlation with their draw): the models before 0.02.
-    item_init_std: float | None = 0.02
-    ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
-    # > 0: the CE loss also penalises the softmax mass on items the user has already consumed, with
-    # this weight (`sequence_loss`); the model is unchanged, only what training asks of it.
-    seen_penalty: float = 0.0
-    # > 0: when validation NDCG@10 has not improved for `lr_patience` epochs, multiply the learning
-    # rate by this (PyTorch's ReduceLROnPlateau on the selection metric); 0 keeps it constant.
-    lr_decay: float = 0.0
-    lr_patience: int = 3
-    # > 0: train on windows instead of whole sequences (truncated backpropagation, as RecBole trains on
-    # at most 50 items): each user's targets in runs of `max_len`, each run fed with up to `max_len`
-    # earlier items before it from a fresh state, so every target is predicted once per epoch from at
-    # least min(max_len, its history) items. Evaluation and serving keep the whole history.
-    max_len: int = 0
-    # > 0 (CE only): label smoothing, the target's share of the loss (1 - eps) and the rest spread
-    # evenly over every real item (`sequence_loss`); 0 is plain cross-entropy.
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        # Checked when the settings are made, not after TransE has trained.
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0 (0 writes the initial weights), got {self.epochs}")
-        if self.item_init_std is not None and self.item_init_std <= 0:
-            raise ValueError(f"item_init_std must be positive, got {self.item_init_std}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if self.seen_penalty < 0:
-            raise ValueError(f"seen_penalty must be >= 0, got {self.seen_penalty}")
-        if self.seen_penalty > 0 and self.loss != "ce":
-            raise ValueError("seen_penalty applies to the ce loss only")
-        if not 0.0 <= self.lr_decay < 1.0:
-            raise ValueError(f"lr_decay must be in [0, 1), got {self.lr_decay}")
-        if self.lr_patience < 0:
-            raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
-        if self.max_len < 0:
-            raise ValueError(f"max_len must be >= 0, got {self.max_len}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.label_smoothing > 0 and (self.loss != "ce" or self.seen_penalty > 0):
-            raise ValueError("label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)")
-        if self.max_len > 0 and self.seen_penalty > 0:
-            raise ValueError("seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items")
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON metadata."""
-        return asdict(self)
+from model.ksr import KSR, sequence_loss
+from model.transe import TransEEmbeddings, train_transe
 
 
 def seed_everything(seed: int) -> None:

@@ -8,28 +8,13 @@ recommender, and frozen by default so memory values stay valid across fine-tunes
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class TransEConfig:
-    """TransE training settings."""
-
-    dim: int = 64
-    norm: int = 2  # 1 (L1) or 2 (L2) distance; L2 measured best (README, Recommendation quality)
-    margin: float = 1.0
-    epochs: int = 100
-    batch_size: int = 4096
-    lr: float = 0.01
-    seed: int = 2020
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON metadata and cache keys."""
-        return asdict(self)
+from model.config import TransEConfig
 
 
 @dataclass
