@@ -18,7 +18,8 @@ from model.serving import RANK_BLOCK_ITEMS, Recommender
 
 
 def _synthetic_recommender(n_items: int, relations: int, seed: int = 0) -> Recommender:
-    """A KSR with default sizes and random KB inputs, for timing when no checkpoint is given."""
+    """A KSR with the default settings (sizes, cosine scores) and random KB inputs, for timing when
+    no checkpoint is given."""
     generator = torch.Generator().manual_seed(seed)
     config = KSRConfig(n_items=n_items, n_relations=relations)
     has_entity = torch.rand(n_items, generator=generator) < 0.95

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+# Settings added after the first checkpoints, whose defaults are not what those checkpoints were
+# trained with: an older checkpoint, which does not name them, loads with these values.
+KSR_SETTINGS_BEFORE_THEY_EXISTED = {"hidden_dropout": 0.0, "score_temperature": 0.0}
+
 
 @dataclass(frozen=True)
 class KSRConfig:
@@ -25,8 +29,8 @@ class KSRConfig:
     gamma: float = 10.0  # attention sharpness in the read (RecBole's value)
     write_transform: bool = False  # the authors' tanh(W e_i + b) before the write
     dropout: float = 0.3  # on item embeddings, training only
-    hidden_dropout: float = 0.0  # on the GRU outputs before f (the user side of scoring), training only
-    score_temperature: float = 0.0  # > 0: f and g end in L2 normalisation, p scaled by 1/tau (score = cos / tau)
+    hidden_dropout: float = 0.5  # on the GRU outputs before f (the user side of scoring), training only
+    score_temperature: float = 0.2  # > 0: f and g end in L2 normalisation, p scaled by 1/tau (score = cos / tau)
 
     def __post_init__(self) -> None:
         if not 0 <= self.score_temperature < float("inf"):  # also refuses NaN
@@ -45,7 +49,9 @@ class KSRConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}: checkpoint from a newer ksr?")
-        return cls(**values)
+        # A setting that a checkpoint does not name was not there when it was trained: it gets the
+        # value that gives the model it was trained as, not today's default.
+        return cls(**{**KSR_SETTINGS_BEFORE_THEY_EXISTED, **values})
 
 
 @dataclass(frozen=True)

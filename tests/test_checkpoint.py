@@ -87,6 +87,23 @@ def test_a_score_temperature_round_trips_and_scores_cosines(tmp_path) -> None:
     assert scores.abs().max() <= 4.0 + 1e-5  # cosines times 1 / tau
 
 
+@torch.no_grad()
+def test_a_checkpoint_from_before_the_cosine_scores_loads_as_the_plain_product(tmp_path) -> None:
+    """Today's defaults are cosine scores with hidden dropout; a checkpoint written before those
+    settings existed does not name them, and must load as the model it was trained as."""
+    trained = tiny_checkpoint(tmp_path / "ck", score_temperature=0.0, hidden_dropout=0.0)
+    assert KSRConfig(n_items=6, n_relations=2).score_temperature > 0  # the default is the cosine
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    del meta["config"]["score_temperature"], meta["config"]["hidden_dropout"]
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    model = checkpoint.load(tmp_path / "ck").model
+    assert (model.config.score_temperature, model.config.hidden_dropout) == (0.0, 0.0)
+    state = model.replay(torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(model.score(state, model.item_vectors())[0],
+                               trained.eval().score(trained.replay(torch.tensor([[1, 2, 3]])),
+                                                    trained.item_vectors())[0])
+
+
 def test_missing_checkpoint_points_at_ksr_train(tmp_path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="ksr train"):
         checkpoint.load(tmp_path / "nothing-here")

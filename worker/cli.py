@@ -7,6 +7,7 @@ never loads PyTorch. `--json` prints exactly one JSON object on stdout; progress
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -222,7 +223,14 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return broker.main(args.action)
 
 
+def _defaults(settings: type) -> dict:
+    """A settings dataclass's field defaults, by field name (fields without one are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from model import config  # plain dataclasses, no PyTorch
+
     parser = argparse.ArgumentParser(prog="ksr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -241,52 +249,55 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data)
 
+    # Every default is the settings dataclass's own (model/config.py), so `ksr train` with no flags
+    # and KSRConfig / TrainConfig / TransEConfig built in code train the same model.
+    model_d, train_d, transe_d = (_defaults(c) for c in (config.KSRConfig, config.TrainConfig, config.TransEConfig))
     p = sub.add_parser("train", help="train TransE + KSR (or gru4rec, pop) and write a checkpoint")
     p.add_argument("--data", default="ml-100k", help="ml-100k or a folder of RecBole atomic files")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--model", choices=["ksr", "gru4rec", "pop"], default="ksr")
-    p.add_argument("--seed", type=int, default=2020)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=10, help="early stop after N epochs without gain")
+    p.add_argument("--model", choices=["ksr", "gru4rec", "pop"], default=train_d["model"])
+    p.add_argument("--seed", type=int, default=train_d["seed"])
+    p.add_argument("--epochs", type=int, default=train_d["epochs"])
+    p.add_argument("--patience", type=int, default=train_d["patience"], help="early stop after N epochs without gain")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap on training")
-    p.add_argument("--batch-users", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-decay", type=float, default=0.0,
+    p.add_argument("--batch-users", type=int, default=train_d["batch_users"])
+    p.add_argument("--lr", type=float, default=train_d["lr"])
+    p.add_argument("--lr-decay", type=float, default=train_d["lr_decay"],
                    help="multiply the learning rate by this after --lr-patience epochs without a "
                         "validation gain (0 = constant rate)")
-    p.add_argument("--lr-patience", type=int, default=3)
-    p.add_argument("--max-len", type=int, default=0,
+    p.add_argument("--lr-patience", type=int, default=train_d["lr_patience"])
+    p.add_argument("--max-len", type=int, default=train_d["max_len"],
                    help="train on windows: targets in runs of this many, each fed up to this many "
                         "earlier items (0 = whole sequences; evaluation keeps the whole history)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--item-init-std", type=float, default=0.02,
+    p.add_argument("--weight-decay", type=float, default=train_d["weight_decay"])
+    p.add_argument("--item-init-std", type=float, default=train_d["item_init_std"],
                    help="initial item embeddings ~ N(0, std^2) (1: the scale of PyTorch's default)")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--ema", type=float, default=train_d["ema"],
                    help="keep an exponential moving average of the weights (decay per step; 0 = off)")
-    p.add_argument("--loss", choices=["ce", "bpr"], default="ce")
-    p.add_argument("--seen-penalty", type=float, default=0.0,
+    p.add_argument("--loss", choices=["ce", "bpr"], default=train_d["loss"])
+    p.add_argument("--seen-penalty", type=float, default=train_d["seen_penalty"],
                    help="ce only: also penalise the probability of items the user already consumed, "
                         "weight -log(1 - P(seen)) by this (training only; 0 = off)")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--label-smoothing", type=float, default=train_d["label_smoothing"],
                    help="ce only: the target keeps 1 - this of the loss, the rest spread over all items (0 = off)")
-    p.add_argument("--relations", type=int, default=10, help="memory relations, by item coverage")
-    p.add_argument("--threads", type=_at_least_one, default=2)
-    p.add_argument("--item-dim", type=int, default=64)
-    p.add_argument("--hidden-dim", type=int, default=128)
-    p.add_argument("--out-dim", type=int, default=64)
-    p.add_argument("--kb-dim", type=int, default=64)
-    p.add_argument("--hops", type=int, default=1, help="memory reading hops (1 = KSR as published)")
-    p.add_argument("--key-hashing", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--gamma", type=float, default=10.0)
-    p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--relations", type=int, default=train_d["relations"], help="memory relations, by item coverage")
+    p.add_argument("--threads", type=_at_least_one, default=train_d["threads"])
+    p.add_argument("--item-dim", type=int, default=model_d["item_dim"])
+    p.add_argument("--hidden-dim", type=int, default=model_d["hidden_dim"])
+    p.add_argument("--out-dim", type=int, default=model_d["out_dim"])
+    p.add_argument("--kb-dim", type=int, default=model_d["kb_dim"])
+    p.add_argument("--hops", type=int, default=model_d["hops"], help="memory reading hops (1 = KSR as published)")
+    p.add_argument("--key-hashing", action=argparse.BooleanOptionalAction, default=model_d["key_hashing"])
+    p.add_argument("--gamma", type=float, default=model_d["gamma"])
+    p.add_argument("--write-transform", action=argparse.BooleanOptionalAction, default=model_d["write_transform"],
                    help="the authors' tanh(W e + b) before the memory write")
-    p.add_argument("--dropout", type=float, default=0.3, help="on item embeddings (training only)")
-    p.add_argument("--hidden-dropout", type=float, default=0.5,
+    p.add_argument("--dropout", type=float, default=model_d["dropout"], help="on item embeddings (training only)")
+    p.add_argument("--hidden-dropout", type=float, default=model_d["hidden_dropout"],
                    help="on the GRU outputs before scoring (training only)")
-    p.add_argument("--score-temperature", type=_non_negative, default=0.2,
+    p.add_argument("--score-temperature", type=_non_negative, default=model_d["score_temperature"],
                    help="score = cos(p, s) / this: f and g end in L2 normalisation (0 = the plain dot product)")
-    p.add_argument("--transe-norm", type=int, choices=[1, 2], default=2)
-    p.add_argument("--transe-epochs", type=int, default=100)
+    p.add_argument("--transe-norm", type=int, choices=[1, 2], default=transe_d["norm"])
+    p.add_argument("--transe-epochs", type=int, default=transe_d["epochs"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_train)
 
