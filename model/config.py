@@ -88,6 +88,12 @@ class TrainConfig:
     # > 0 (CE only): label smoothing, the target's share of the loss (1 - eps) and the rest spread
     # evenly over every real item (`sequence_loss`); 0 is plain cross-entropy.
     label_smoothing: float = 0.0
+    # > 1 (plain CE only): each position is also trained towards the items after the next, up to this
+    # many targets in all, the j-th after the next weighted future_decay**j (weights normalised over
+    # the targets the sequence still has). ml-100k users rate many films in one sitting, and the order
+    # inside a sitting is arbitrary; the model and its scores are unchanged, only the training target.
+    future_targets: int = 1
+    future_decay: float = 0.5
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.
@@ -109,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"max_len must be >= 0, got {self.max_len}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.future_targets < 1:
+            raise ValueError(f"future_targets must be >= 1 (1 = the next item only), got {self.future_targets}")
+        if not 0.0 < self.future_decay <= 1.0:
+            raise ValueError(f"future_decay must be in (0, 1], got {self.future_decay}")
+        if self.future_targets > 1 and (self.loss != "ce" or self.seen_penalty > 0 or self.label_smoothing > 0):
+            raise ValueError("future_targets applies to the plain ce loss only (no bpr, seen_penalty or label_smoothing)")
         if self.label_smoothing > 0 and (self.loss != "ce" or self.seen_penalty > 0):
             raise ValueError("label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)")
         if self.max_len > 0 and self.seen_penalty > 0:

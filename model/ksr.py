@@ -362,6 +362,8 @@ def sequence_loss(
     seen: Tensor | None = None,
     seen_penalty: float = 0.0,
     label_smoothing: float = 0.0,
+    future: Tensor | None = None,
+    future_decay: float = 0.5,
 ) -> Tensor:
     """Next-item loss at the given positions.
 
@@ -373,15 +375,26 @@ def sequence_loss(
     the model and its scores are unchanged; it teaches them that an item is not consumed twice.
     label_smoothing eps > 0 (plain CE only): (1 - eps) * -log p(target) + eps * the mean of -log p over
     the real items (the padding item gets no share).
+    future (P, K - 1) (plain CE only): the items after the target at each position, 0 where the
+    sequence has ended; position p's loss is then sum_j w_j * -log p(t_j) / sum_j w_j over the target
+    (j = 0) and its future items (j = 1..K-1, those not 0), with w_j = future_decay ** j.
     """
     item_vectors = model.item_vectors()
     if loss == "ce":
         logits = user_vectors @ item_vectors.T  # (P, N)
         logits[:, 0] = float("-inf")
+        if future is not None and (seen_penalty > 0 or label_smoothing > 0):
+            raise ValueError("future targets combine with the plain cross-entropy only")
         if label_smoothing > 0:
             if seen_penalty > 0:
                 raise ValueError("label smoothing and the seen-item penalty do not combine")
             return F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=label_smoothing)
+        if future is not None and future.shape[1] > 0:
+            all_targets = torch.cat([targets.unsqueeze(1), future], dim=1)  # (P, K)
+            weights = future_decay ** torch.arange(all_targets.shape[1], dtype=logits.dtype)
+            weights = weights.unsqueeze(0) * (all_targets > 0)  # the sequence's end (padding) gets none
+            nll = -F.log_softmax(logits, dim=-1).gather(1, all_targets)
+            return ((nll.masked_fill(all_targets == 0, 0.0) * weights).sum(1) / weights.sum(1)).mean()
         if seen_penalty <= 0:
             return F.cross_entropy(logits, targets)
         if seen is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from model import checkpoint
 from model.config import KSRConfig, TrainConfig, TransEConfig
@@ -159,6 +160,14 @@ def seen_items(items: torch.Tensor, n_items: int) -> torch.Tensor:
     return first.unsqueeze(1) <= torch.arange(steps).view(1, steps, 1)
 
 
+def future_targets(items: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, T) right-padded ids -> (B, T - 1, count - 1): for the position that predicts items[:, t + 1],
+    the items at t + 2 .. t + count (0, the padding id, past the sequence's end)."""
+    steps = items.shape[1]
+    padded = F.pad(items, (0, count - 1))
+    return torch.stack([padded[:, 1 + j : steps + j] for j in range(1, count)], dim=2)
+
+
 @torch.no_grad()
 def update_average(averaged: KSR, model: KSR, decay: float) -> None:
     """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter."""
@@ -191,8 +200,9 @@ def train_epoch(
             negatives = torch.multinomial(negative_weights, len(targets), replacement=True)
         if config.seen_penalty > 0:
             seen = seen_items(items[:, :-1], model.config.n_items)[valid]
+        future = future_targets(items, config.future_targets)[valid] if config.future_targets > 1 else None
         loss = sequence_loss(model, user_vectors[valid], targets, config.loss, negatives,
-                             seen, config.seen_penalty, config.label_smoothing)
+                             seen, config.seen_penalty, config.label_smoothing, future, config.future_decay)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -218,6 +218,40 @@ def test_label_smoothing_spreads_a_share_of_the_loss_over_the_real_items() -> No
                       label_smoothing=0.1)
 
 
+def test_future_targets_weight_the_items_after_the_next_and_stop_at_the_sequence_end() -> None:
+    from torch.nn import functional as F
+
+    from model.ksr import KSR, sequence_loss
+
+    # The targets: for the position that predicts items[t + 1], the items at t + 2 .. t + K.
+    items = torch.tensor([[4, 5, 6, 2, 0], [1, 3, 0, 0, 0]])  # right-padded, lengths 4 and 2
+    assert training.future_targets(items, 3).tolist() == [
+        [[6, 2], [2, 0], [0, 0], [0, 0]],
+        [[0, 0], [0, 0], [0, 0], [0, 0]],
+    ]
+    torch.manual_seed(0)
+    model = KSR(KSRConfig(n_items=7, n_relations=0, item_dim=4, hidden_dim=4, out_dim=4, memory=False))
+    users = torch.randn(3, 4)
+    targets = torch.tensor([1, 5, 6])
+    future = torch.tensor([[2, 3], [4, 0], [0, 0]])  # two, one and no items after the target
+    with torch.no_grad():
+        logits = users @ model.item_vectors().T
+        logits[:, 0] = float("-inf")
+        nll = -F.log_softmax(logits, dim=-1)
+    decay = 0.5
+    expected = torch.stack([
+        (nll[0, 1] + decay * nll[0, 2] + decay**2 * nll[0, 3]) / (1 + decay + decay**2),
+        (nll[1, 5] + decay * nll[1, 4]) / (1 + decay),
+        nll[2, 6],
+    ]).mean()
+    torch.testing.assert_close(sequence_loss(model, users, targets, future=future, future_decay=decay), expected)
+    # No future items at all is the plain cross-entropy.
+    torch.testing.assert_close(sequence_loss(model, users, targets, future=torch.zeros(3, 2, dtype=torch.long)),
+                               sequence_loss(model, users, targets))
+    with pytest.raises(ValueError, match="plain cross-entropy only"):
+        sequence_loss(model, users, targets, label_smoothing=0.1, future=future)
+
+
 def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) -> None:
     """Same seed and data: the penalty moves the model's top 10 away from what users consumed."""
     dataset, root = toy
@@ -247,6 +281,10 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
     (["--label-smoothing", "0.1", "--loss", "bpr"],
      "label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)"),
+    (["--future-targets", "0"], "future_targets must be >= 1 (1 = the next item only), got 0"),
+    (["--future-decay", "0"], "future_decay must be in (0, 1], got 0.0"),
+    (["--future-targets", "3", "--loss", "bpr"],
+     "future_targets applies to the plain ce loss only (no bpr, seen_penalty or label_smoothing)"),
     (["--max-len", "50", "--seen-penalty", "1"],
      "seen_penalty needs whole sequences (max_len 0): a window does not hold all seen items"),
 ])

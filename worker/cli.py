@@ -52,6 +52,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
             seen_penalty=args.seen_penalty, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
             item_init_std=args.item_init_std, max_len=args.max_len, label_smoothing=args.label_smoothing,
+            future_targets=args.future_targets, future_decay=args.future_decay,
         )
     except ValueError as error:
         print(f"ksr train: {error}", file=sys.stderr)
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seen-penalty", type=float, default=train_d["seen_penalty"],
                    help="ce only: also penalise the probability of items the user already consumed, "
                         "weight -log(1 - P(seen)) by this (training only; 0 = off)")
+    p.add_argument("--future-targets", type=int, default=train_d["future_targets"],
+                   help="ce only: train each position towards this many next items, the j-th after the "
+                        "next weighted --future-decay**j (1 = the next item only)")
+    p.add_argument("--future-decay", type=float, default=train_d["future_decay"])
     p.add_argument("--label-smoothing", type=float, default=train_d["label_smoothing"],
                    help="ce only: the target keeps 1 - this of the loss, the rest spread over all items (0 = off)")
     p.add_argument("--relations", type=int, default=train_d["relations"], help="memory relations, by item coverage")
