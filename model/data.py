@@ -475,6 +475,24 @@ class Dataset:
         """Number of items (excluding padding) that have a KG entity."""
         return int(np.count_nonzero(self.item_entity[1:] >= 0))
 
+    def stats(self) -> dict:
+        """Counts, and how close in time each user's consecutive events are: the share of
+        consecutive pairs (one user's events in time order) with the same timestamp, the share
+        within 60 seconds, and the median gap. Ties are ordered by file order, which the
+        leave-one-out protocol then treats as the order of consumption."""
+        order = np.argsort(self.users, kind="stable")  # each user's events in time order
+        same_user = self.users[order][1:] == self.users[order][:-1]
+        gaps = (self.timestamps[order][1:] - self.timestamps[order][:-1])[same_user]
+        pairs = int(gaps.size)
+        return {
+            "name": self.name, "users": self.n_users, "items": self.n_items - 1, "events": self.n_events,
+            "entities": self.n_entities, "relations": self.n_relations, "triples": len(self.triples),
+            "linked_items": self.linked_items(), "consecutive_pairs": pairs,
+            "same_timestamp_share": round(float(np.mean(gaps == 0)), 4) if pairs else None,
+            "within_60s_share": round(float(np.mean(gaps <= 60)), 4) if pairs else None,
+            "median_gap_s": float(np.median(gaps)) if pairs else None,
+        }
+
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, users={self.n_users}, items={self.n_items - 1}, "

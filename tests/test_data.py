@@ -86,6 +86,16 @@ def test_events_sorted_stably_by_time(toy: Path) -> None:
     assert d.name == "toy" and d.path == toy.resolve()
 
 
+def test_stats_count_ties_between_a_users_consecutive_events(toy: Path) -> None:
+    # u1: 100 -> 300 (gap 200); u2: 100 -> 100 (a tie); u3: 200 -> 300 (gap 100).
+    stats = data.load(toy).stats()
+    assert {k: stats[k] for k in ("users", "items", "events", "triples", "linked_items")} == {
+        "users": 3, "items": 4, "events": 6, "triples": 4, "linked_items": 3}
+    assert stats["consecutive_pairs"] == 3
+    assert stats["same_timestamp_share"] == stats["within_60s_share"] == round(1 / 3, 4)
+    assert stats["median_gap_s"] == 100.0
+
+
 def test_user_sequences_in_time_order(toy: Path) -> None:
     d = data.load(toy)
     seqs = {

@@ -26,6 +26,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         path = data.fetch(args.name)
         print(path)
         return 0
+    if args.data_command == "stats":
+        stats = data.load(args.data).stats()
+        if args.json:
+            _print_json(stats)
+        else:
+            print(json.dumps(stats, indent=1))
+        return 0
     if args.data_command == "synth":
         from model import synth
 
@@ -239,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download, verify and cache a named data set")
     f.add_argument("name", choices=["ml-100k"])
+    f = data_sub.add_parser("stats", help="counts, and how close in time each user's consecutive events are")
+    f.add_argument("--data", default="ml-100k", help="ml-100k or a folder of RecBole atomic files")
+    f.add_argument("--json", action="store_true")
     f = data_sub.add_parser(
         "synth", help="write a synthetic data set (knowledge graph of ml-100k's shape) for scale tests"
     )
