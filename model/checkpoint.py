@@ -158,6 +158,12 @@ def load(directory: str | Path) -> Checkpoint:
             f"{directory}: weights do not match the settings in {META} ({'; '.join(problems[:4])}): "
             "retrain, or use the meta.json that came with these weights"
         )
+    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise CheckpointError(
+            f"{directory}: weights hold NaN or infinite values ({', '.join(broken[:4])}): the training "
+            "that wrote them diverged; retrain, or use an earlier checkpoint"
+        )
     model.load_state_dict(tensors)
     model.eval()
     return Checkpoint(meta, model, None)

@@ -33,10 +33,21 @@ class KSRConfig:
     score_temperature: float = 0.2  # > 0: f and g end in L2 normalisation, p scaled by 1/tau (score = cos / tau)
 
     def __post_init__(self) -> None:
+        # A checkpoint's settings come through here too, so a bad one is refused when it loads.
         if not 0 <= self.score_temperature < float("inf"):  # also refuses NaN
             raise ValueError(
                 f"score_temperature must be a finite number >= 0 (0 = the plain dot product), got {self.score_temperature}"
             )
+        for name in ("kb_dim", "item_dim", "hidden_dim", "out_dim", "hops"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.n_relations, int) or self.n_relations < 0:
+            raise ValueError(f"n_relations must be a whole number >= 0, got {self.n_relations!r}")
+        if not -float("inf") < self.gamma < float("inf"):
+            raise ValueError(f"gamma must be a finite number, got {self.gamma}")
+        for name in ("dropout", "hidden_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         """Plain dict for JSON metadata."""

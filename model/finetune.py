@@ -128,5 +128,8 @@ def fine_tune(
 
 
 def decide(champion: dict[str, float], challenger: dict[str, float], config: FinetuneConfig) -> bool:
-    """Promote only when the challenger beats the champion by more than the margin."""
+    """Promote only when the challenger beats the champion by more than the margin, on at least one
+    held-out event (with none there is nothing to judge by, and the champion stays)."""
+    if not challenger.get("events", 1):
+        return False
     return challenger[config.metric] > champion[config.metric] + config.margin

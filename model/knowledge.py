@@ -35,14 +35,13 @@ def relation_coverage(dataset: Dataset) -> np.ndarray:
 
 def item_relation_matrix(dataset: Dataset) -> np.ndarray:
     """(N, R) bool: item i heads at least one triple of relation r."""
-    matrix = np.zeros((dataset.n_items, dataset.n_relations), dtype=bool)
-    entity_item = np.full(dataset.n_entities, -1, dtype=np.int64)
-    linked = dataset.item_entity >= 0
-    entity_item[dataset.item_entity[linked]] = np.nonzero(linked)[0]
+    # Through the entities, so that items linked to one entity each get its relations.
+    entity_relations = np.zeros((dataset.n_entities, dataset.n_relations), dtype=bool)
     if len(dataset.triples):
-        heads_item = entity_item[dataset.triples[:, 0]]
-        keep = heads_item >= 0
-        matrix[heads_item[keep], dataset.triples[keep, 1]] = True
+        entity_relations[dataset.triples[:, 0], dataset.triples[:, 1]] = True
+    matrix = np.zeros((dataset.n_items, dataset.n_relations), dtype=bool)
+    linked = dataset.item_entity >= 0
+    matrix[linked] = entity_relations[dataset.item_entity[linked]]
     return matrix
 
 

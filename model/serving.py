@@ -141,6 +141,8 @@ class Recommender:
     ) -> list[Recommendation]:
         """Top-k unseen items and the explanation for each of B user vectors (B, O) with their read
         weights (B, A); seen[b]: item indices excluded for row b."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, self.n_items - 1)
         top_scores, top_items = self._top_k(user_vectors, seen, k)
         # Rounded, ordered and named for the whole batch at once; per row only the explanation's
@@ -216,8 +218,10 @@ class Recommender:
             if tail:
                 scores = F.pad(scores, (0, tail), value=float("-inf"))
             maxima.append(scores.view(batch, -1, group).amax(dim=2))  # (B, block / group)
-        _, groups = torch.topk(torch.cat(maxima, dim=1), k, dim=1)  # (B, k)
-        candidates = (groups.unsqueeze(-1) * group + torch.arange(group)).view(batch, -1)  # (B, k * group)
+        maxima = torch.cat(maxima, dim=1)
+        # The k best groups, or all of them when there are fewer: either way at least k items.
+        _, groups = torch.topk(maxima, min(k, maxima.shape[1]), dim=1)  # (B, <= k)
+        candidates = (groups.unsqueeze(-1) * group + torch.arange(group)).view(batch, -1)  # (B, <= k * group)
         outside = candidates >= n
         candidates = candidates.clamp(max=n - 1)
         scores = torch.bmm(self.item_vectors[candidates], user_vectors.unsqueeze(-1)).squeeze(-1)

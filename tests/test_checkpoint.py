@@ -73,6 +73,31 @@ def test_a_bad_score_temperature_is_refused(tmp_path, temperature) -> None:
         checkpoint.load(tmp_path / "ck")
 
 
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("hops", 0, "hops must be a whole number >= 1, got 0"),
+    ("hidden_dim", -4, "hidden_dim must be a whole number >= 1, got -4"),
+    ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),
+    ("gamma", float("nan"), "gamma must be a finite number, got nan"),
+])
+def test_impossible_model_settings_are_refused(tmp_path, setting, value, message) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta["config"][setting] = value
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(tmp_path / "ck")
+
+
+def test_weights_that_went_nan_are_refused(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    weights = torch.load(tmp_path / "ck" / "weights.pt", weights_only=True)
+    name = next(n for n, t in weights.items() if t.is_floating_point())
+    weights[name].view(-1)[0] = float("nan")
+    torch.save(weights, tmp_path / "ck" / "weights.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"NaN or infinite values \\({name}"):
+        checkpoint.load(tmp_path / "ck")
+
+
 @torch.no_grad()
 def test_a_score_temperature_round_trips_and_scores_cosines(tmp_path) -> None:
     tiny_checkpoint(tmp_path / "ck", score_temperature=0.25)
@@ -138,6 +163,13 @@ def test_recommend_names_an_unknown_item(tmp_path) -> None:
                             cwd=REPO, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode != 0 and "unknown item id 'zz'" in result.stderr
+
+
+def test_recommend_refuses_a_top_k_of_nothing(tmp_path) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    result = subprocess.run([*KSR, "recommend", "--checkpoint", str(tmp_path / "ck"), "--items", "a", "--k", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "--k" in result.stderr
 
 
 def test_recommend_excludes_the_history_and_explains(tmp_path) -> None:

@@ -115,6 +115,21 @@ def test_item_zero_is_padding(toy: Path) -> None:
     assert d.item_entity.shape == (d.n_items,) and d.item_entity[0] == -1
 
 
+def test_items_linked_to_one_entity_each_get_its_relations(tmp_path: Path) -> None:
+    from model.knowledge import item_relation_matrix, relation_coverage
+
+    # i30 is linked to e10 as well as i10: both head e10's triples (directed_by, genre).
+    folder = write_set(tmp_path / "shared", inter=INTER, kg=KG, link=LINK + "i30\te10\n")
+    d = data.load(folder)
+    matrix = item_relation_matrix(d)
+    relations = {r: d.relation_tokens.index(r) for r in ("directed_by", "genre", "born_in")}
+    for item in ("i10", "i30"):
+        row = matrix[d.item_index[item]]
+        assert row[relations["directed_by"]] and row[relations["genre"]] and not row[relations["born_in"]]
+    assert matrix[d.item_index["i20"]].tolist() == [True, False, False]
+    assert relation_coverage(d).tolist() == [3, 2, 0]  # directed_by: i10, i20, i30; genre: i10, i30
+
+
 def test_knowledge_graph_and_links(toy: Path) -> None:
     d = data.load(toy)
     assert d.relation_tokens == ["directed_by", "genre", "born_in"]

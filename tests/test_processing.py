@@ -128,9 +128,10 @@ def test_the_seen_filter_and_the_stored_history_keep_the_last_history_length_ite
     assert decode(table["a"]).history.tolist() == [indices[4], indices[5], indices[6]]
 
 
+@pytest.mark.parametrize("k", [10, 100])  # 100: more than the catalog's 53 groups of 32 items
 @pytest.mark.parametrize("block", [1, 64, 256, 1000, 4096])
 @torch.no_grad()
-def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recommender, monkeypatch, block) -> None:
+def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recommender, monkeypatch, block, k) -> None:
     """A catalog larger than a block is ranked block by block (compiled: each block folded into a
     running top-k; torch: from its best groups of items): the same answer as scoring every item at
     once, seen items (in any block, the last one included) excluded. Blocks of 1,683 items
@@ -144,15 +145,21 @@ def test_ranking_in_blocks_equals_ranking_the_whole_catalog(recommender: Recomme
     full[:, 0] = float("-inf")
     for row, items in enumerate(seen):
         full[row, items] = float("-inf")
-    expected_scores, expected_items = torch.topk(full, 10, dim=1)
+    expected_scores, expected_items = torch.topk(full, k, dim=1)
 
     monkeypatch.setattr(recommender, "rank_block_items", block)
     monkeypatch.setattr(recommender, "rank_direct_max_batch", 0)  # these 6 users are ranked by blocks
-    scores, items = recommender._top_k(users, seen, 10)
+    scores, items = recommender._top_k(users, seen, k)
     torch.testing.assert_close(scores, expected_scores)
     finite = torch.isfinite(expected_scores)
     assert torch.equal(items[finite], expected_items[finite])
-    assert int((~finite).sum()) == 10 - 3  # the user who has seen all but 3 items gets only 3
+    assert int((~finite).sum()) == k - 3  # the user who has seen all but 3 items gets only 3
+
+
+@torch.no_grad()
+def test_a_top_k_of_nothing_is_refused(recommender: Recommender) -> None:
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        recommender.rank(recommender.initial_state(1), [[]], k=0)
 
 
 def _process(batches, processor: BatchProcessor) -> tuple[list, dict[str, bytes]]:

@@ -281,6 +281,8 @@ def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) 
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
     (["--label-smoothing", "0.1", "--loss", "bpr"],
      "label_smoothing applies to the plain ce loss only (no bpr, no seen_penalty)"),
+    (["--hops", "0"], "hops must be a whole number >= 1, got 0"),
+    (["--hidden-dropout", "1"], "hidden_dropout must be in [0, 1), got 1.0"),
     (["--future-targets", "0"], "future_targets must be >= 1 (1 = the next item only), got 0"),
     (["--future-decay", "0"], "future_decay must be in (0, 1], got 0.0"),
     (["--future-targets", "3", "--loss", "bpr"],

@@ -61,16 +61,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             item_init_std=args.item_init_std, max_len=args.max_len, label_smoothing=args.label_smoothing,
             future_targets=args.future_targets, future_decay=args.future_decay,
         )
+        model_config = KSRConfig(  # the catalog's size is the data's, set once it is read
+            n_items=1, n_relations=0, kb_dim=args.kb_dim, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
+            out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
+            write_transform=args.write_transform, dropout=args.dropout, hidden_dropout=args.hidden_dropout,
+            score_temperature=args.score_temperature,
+        )
     except ValueError as error:
         print(f"ksr train: {error}", file=sys.stderr)
         return 2
     dataset = data.load(args.data)
-    model_config = KSRConfig(
-        n_items=dataset.n_items, n_relations=0, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
-        out_dim=args.out_dim, hops=args.hops, key_hashing=args.key_hashing, gamma=args.gamma,
-        write_transform=args.write_transform, dropout=args.dropout, hidden_dropout=args.hidden_dropout,
-        score_temperature=args.score_temperature,
-    )
+    model_config = dataclasses.replace(model_config, n_items=dataset.n_items)
     transe = TransEConfig(dim=args.kb_dim, norm=args.transe_norm, epochs=args.transe_epochs, seed=args.seed)
     meta = train.train(dataset, args.out, config, model_config, transe)
     summary = {"checkpoint": str(args.out), "model": args.model, **meta["metrics"],
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="top-k and explanation for a history of item ids")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--items", required=True, help="comma-separated item ids, oldest first")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=_at_least_one, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_recommend)
 
