@@ -21,6 +21,8 @@ from model.ksr import KSR, KSRConfig
 
 FORMAT = 1
 WEIGHTS = "weights.pt"
+# A user's stored state names the model version it was computed with in 32 bits (worker/state.py).
+VERSION_MAX = 2**32 - 1
 META = "meta.json"
 MODEL_KINDS = ("ksr", "gru4rec", "pop")
 
@@ -100,9 +102,18 @@ def load(directory: str | Path) -> Checkpoint:
             "train one with `ksr train --data ml-100k --out DIR`"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
+        meta = json.loads(meta_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{meta_path} is not valid JSON ({error}): the checkpoint is damaged") from error
+    except OSError as error:
+        raise CheckpointError(f"{meta_path} cannot be read ({error})") from error
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} must hold a JSON object: the checkpoint is damaged")
+    version = meta.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION_MAX:
+        raise CheckpointError(
+            f"{meta_path}: version must be a whole number from 1 to {VERSION_MAX}, got {version!r}"
+        )
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{directory}: checkpoint format {meta.get('format')!r}, this ksr reads format {FORMAT}: retrain"

@@ -88,6 +88,21 @@ def test_impossible_model_settings_are_refused(tmp_path, setting, value, message
         checkpoint.load(tmp_path / "ck")
 
 
+@pytest.mark.parametrize(("meta_bytes", "message"), [
+    (None, "version must be a whole number from 1 to 4294967295, got 4294967296"),  # a state holds 32 bits
+    (b"\xff\xfe", "is not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object"),
+])
+def test_damaged_metadata_is_refused(tmp_path, meta_bytes, message) -> None:
+    tiny_checkpoint(tmp_path / "ck")
+    if meta_bytes is None:
+        meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+        meta_bytes = json.dumps({**meta, "version": 2**32}).encode()
+    (tmp_path / "ck" / "meta.json").write_bytes(meta_bytes)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load(tmp_path / "ck")
+
+
 def test_weights_that_went_nan_are_refused(tmp_path) -> None:
     tiny_checkpoint(tmp_path / "ck")
     weights = torch.load(tmp_path / "ck" / "weights.pt", weights_only=True)

@@ -54,12 +54,22 @@ def test_worker_swaps_to_an_announced_model_between_batches(tmp_path, bootstrap,
         replay(env, 1000)
         consume(bootstrap, env["KSR_TOPIC_RECOMMENDATIONS"], 1000, timeout=180, worker=worker)
 
-        # An announcement whose checkpoint cannot be loaded leaves the old model serving.
-        produce(bootstrap, env["KSR_TOPIC_MODEL_UPDATES"],
-                [(None, json.dumps({"version": 5, "checkpoint": str(tmp_path / "nope")}).encode())])
+        # Announcements that cannot be read, or whose checkpoint cannot be loaded (missing; a
+        # meta.json that is not text), leave the old model serving.
+        damaged = tmp_path / "damaged"
+        damaged.mkdir()
+        (damaged / "meta.json").write_bytes(b"\xff\xfe not text")
+        (damaged / "weights.pt").write_bytes(b"")
+        produce(bootstrap, env["KSR_TOPIC_MODEL_UPDATES"], [
+            (None, json.dumps({"version": 5, "checkpoint": str(tmp_path / "nope")}).encode()),
+            (None, b'{"version": 1e400, "checkpoint": "x"}'),  # parses to inf
+            (None, json.dumps({"version": 6, "checkpoint": str(damaged)}).encode()),
+        ])
         deadline = time.monotonic() + 30
-        while scrape(worker.metrics_url).get('ksr_model_swaps_total{result="failed"}', 0) < 1:
+        while (scrape(worker.metrics_url).get('ksr_model_swaps_total{result="failed"}', 0) < 2
+               or scrape(worker.metrics_url).get('ksr_model_swaps_total{result="bad_announcement"}', 0) < 1):
             assert time.monotonic() < deadline, worker.log()[-3000:]
+            assert worker.alive(), worker.log()[-3000:]
             time.sleep(0.5)
 
         result = finetune_once(env)

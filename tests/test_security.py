@@ -11,6 +11,7 @@ import ast
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -370,6 +371,25 @@ def test_payload_cap_is_read_and_enforced(clean_env) -> None:
         clean_env.setenv("KSR_MAX_EVENT_BYTES", bad)
         with pytest.raises(ConfigError, match="KSR_MAX_EVENT_BYTES"):
             Settings.from_env()
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    # Each of these was accepted and failed later: a state too long to encode (16-bit counts), a
+    # port the metrics server cannot bind, a timer that never fires, threads parsed outside Settings.
+    ("KSR_HISTORY_LENGTH", "70000", "KSR_HISTORY_LENGTH must be a positive integer of at most 65535, got '70000'"),
+    ("KSR_RECENT_EVENT_IDS", "65536", "KSR_RECENT_EVENT_IDS must be a positive integer of at most 65535"),
+    ("KSR_METRICS_PORT", "99999", "KSR_METRICS_PORT must be a positive integer of at most 65535"),
+    ("KSR_COMMIT_INTERVAL_MS", "inf", "KSR_COMMIT_INTERVAL_MS must be a positive, finite number, got 'inf'"),
+    ("KSR_COMMIT_TIMEOUT_S", "nan", "KSR_COMMIT_TIMEOUT_S must be a positive, finite number"),
+    ("KSR_TORCH_THREADS", "abc", "KSR_TORCH_THREADS must be a positive integer, got 'abc'"),
+])
+def test_settings_that_would_fail_later_are_refused_at_start(clean_env, variable, value, message) -> None:
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env()
+    clean_env.setenv(variable, "65535" if variable != "KSR_COMMIT_INTERVAL_MS" else "250.5")
+    if variable not in ("KSR_COMMIT_TIMEOUT_S", "KSR_TORCH_THREADS"):
+        Settings.from_env()  # the largest accepted value is accepted
 
 
 # --------------------------------------------------------------------------- a real SASL broker

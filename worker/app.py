@@ -548,7 +548,7 @@ class Worker:
         load each newer version off the event loop; `handle` swaps it in between batches."""
         from aiokafka import AIOKafkaConsumer
 
-        from model.checkpoint import CheckpointError
+        from model.checkpoint import VERSION_MAX, CheckpointError
 
         consumer = AIOKafkaConsumer(
             self.settings.model_updates_topic, bootstrap_servers=self.settings.bootstrap_servers,
@@ -560,7 +560,9 @@ class Worker:
                 try:
                     update = json.loads(record.value)
                     version, path = int(update["version"]), str(update["checkpoint"])
-                except (ValueError, KeyError, TypeError) as error:
+                    if not 1 <= version <= VERSION_MAX:
+                        raise ValueError(f"version {version} is not in 1..{VERSION_MAX}")
+                except (ValueError, KeyError, TypeError, OverflowError) as error:  # 1e400 is inf
                     log.error("model-updates: unreadable announcement (%s): %r", error, record.value[:200])
                     metrics.MODEL_SWAPS.labels("bad_announcement").inc()
                     continue
@@ -571,7 +573,9 @@ class Worker:
                     # Served as the current model is (KSR_SERVING_KERNEL).
                     recommender = await asyncio.to_thread(
                         Recommender.load, path, self.processor.recommender.compiled)
-                except CheckpointError as error:
+                except Exception as error:  # noqa: BLE001 - whatever fails, the current model keeps serving
+                    if not isinstance(error, CheckpointError):
+                        error = f"{type(error).__name__}: {error}"
                     log.error("model v%s at %s failed to load; still serving v%s: %s", version, path,
                               current, error)
                     metrics.MODEL_SWAPS.labels("failed").inc()
@@ -895,7 +899,7 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
         return 2
     if checkpoint:
         settings = _replace(settings, checkpoint=checkpoint)
-    torch.set_num_threads(int(__import__("os").environ.get("KSR_TORCH_THREADS", "1")))
+    torch.set_num_threads(settings.torch_threads)
     try:
         recommender = Recommender.load(settings.checkpoint, settings.serving_kernel == "compiled")
     except CheckpointError as error:

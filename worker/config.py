@@ -17,17 +17,22 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable and the fix."""
 
 
-def _positive_int(name: str, default: int) -> int:
+def _positive_int(name: str, default: int, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    accepts = "a positive integer" + (f" of at most {maximum}" if maximum is not None else "")
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+        raise ConfigError(f"{name} must be {accepts}, got {raw!r}") from None
+    if value <= 0 or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name} must be {accepts}, got {raw!r}")
     return value
+
+
+# The user state stores its item-history and event-id counts in 16 bits (worker/state.py).
+STATE_COUNT_MAX = 65535
 
 
 def _positive_float(name: str, default: float) -> float:
@@ -38,8 +43,8 @@ def _positive_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a positive number, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive, finite number, got {raw!r}")
     return value
 
 
@@ -92,6 +97,7 @@ class Settings:
     session_timeout_s: float
     state_precision: str
     serving_kernel: str
+    torch_threads: int
     kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
 
     @classmethod
@@ -109,11 +115,11 @@ class Settings:
             checkpoint=Path(_text("KSR_CHECKPOINT", str(base / "checkpoints" / "current"))),
             state_dir=Path(_text("KSR_STATE_DIR", str(base / "worker"))),
             metrics_host=_text("KSR_METRICS_HOST", "127.0.0.1"),
-            metrics_port=_positive_int("KSR_METRICS_PORT", 9464),
+            metrics_port=_positive_int("KSR_METRICS_PORT", 9464, maximum=65535),
             batch_size=_positive_int("KSR_BATCH_SIZE", 256),
             top_k=_positive_int("KSR_TOP_K", 10),
-            history_length=_positive_int("KSR_HISTORY_LENGTH", 1000),
-            recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32),
+            history_length=_positive_int("KSR_HISTORY_LENGTH", 1000, maximum=STATE_COUNT_MAX),
+            recent_event_ids=_positive_int("KSR_RECENT_EVENT_IDS", 32, maximum=STATE_COUNT_MAX),
             rocksdb_write_buffer_mb=_positive_int("KSR_ROCKSDB_WRITE_BUFFER_MB", 16),
             fast_delivery=_choice("KSR_FAST_DELIVERY", "1", ("0", "1")) == "1",
             gc_freeze=_choice("KSR_GC_FREEZE", "1", ("0", "1")) == "1",
@@ -130,6 +136,7 @@ class Settings:
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             serving_kernel=_choice("KSR_SERVING_KERNEL", "compiled", ("compiled", "torch")),
+            torch_threads=_positive_int("KSR_TORCH_THREADS", 1),
             kafka_security=kafka_security_from_env(),
         )
 

@@ -215,7 +215,7 @@ def run(once: bool = False) -> int:
     except ConfigError as error:
         print(f"ksr finetune: {error}", file=sys.stderr)
         return 2
-    torch.set_num_threads(int(os.environ.get("KSR_TORCH_THREADS", "1")))
+    torch.set_num_threads(settings.torch_threads)
     if not once:
         metrics.serve(settings.metrics_host, schedule.metrics_port)
     while True:
