@@ -430,3 +430,27 @@ def test_event_ages_count_from_the_kafka_timestamp_and_never_below_zero() -> Non
     counts = [bucket.get() for bucket in histogram._buckets]
     assert counts == [1, 1, 1, 0]  # 0 (clamped), 0.5, 5
     assert 5.5 <= histogram._sum.get() < 5.6
+
+
+def test_an_output_topic_with_fewer_partitions_stops_the_worker_with_what_to_do(tmp_path, bootstrap,
+                                                                               small_checkpoint) -> None:
+    """Each answer goes to its event's partition number; an existing recommendations topic with
+    fewer partitions than interactions would fail the first batch from a higher partition, after
+    every restart. The worker refuses to start and says how to fix it."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_PARTITIONS="4")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(env["KSR_TOPIC_INTERACTIONS"], 4, 1),
+                             NewTopic(env["KSR_TOPIC_RECOMMENDATIONS"], 2, 1)])
+    finally:
+        admin.close()
+    result = subprocess.run([*KSR, "worker"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=180, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"topic {env['KSR_TOPIC_RECOMMENDATIONS']} has 2 partitions, fewer than "
+            f"{env['KSR_TOPIC_INTERACTIONS']}'s 4") in result.stderr
+    assert "--partitions 4" in result.stderr
+

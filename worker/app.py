@@ -906,7 +906,11 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
         print(f"ksr worker: cannot serve {settings.checkpoint}: {error}", file=sys.stderr)
         return 2
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    partitions = ensure_topics(settings)
+    try:
+        partitions = ensure_topics(settings)
+    except ConfigError as error:
+        print(f"ksr worker: {error}", file=sys.stderr)
+        return 2
     metrics.serve(settings.metrics_host, settings.metrics_port)
     metrics.observe_gc_pauses()
     print(

@@ -81,6 +81,8 @@ def replay(data: str, rate: float | None = None, limit: int | None = None, skip:
     try:
         ensure_topics(settings)
         client = producer(settings)
+    except ConfigError as error:
+        raise SystemExit(f"ksr replay: {error}") from None
     except KafkaError as error:
         # kafka-python retries a failed SASL handshake like an unreachable broker, then times out.
         protocol = settings.kafka_security.get("security_protocol", "PLAINTEXT")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from worker.config import Settings
+from worker.config import ConfigError, Settings
 
 
 def admin_client(settings: Settings):
@@ -44,6 +44,20 @@ def ensure_topics(settings: Settings) -> int:
             settings.dlq_topic: partitions,
             settings.model_updates_topic: 1,
         }
+        # Every output goes to its event's partition number: an output topic with fewer partitions
+        # than `interactions` would fail the first batch that has an event from a higher one, after
+        # every restart. More partitions are harmless (the extra ones stay empty).
+        outputs = [t for t in (settings.recommendations_topic, settings.dlq_topic) if t in existing]
+        for described in admin.describe_topics(outputs) if outputs else []:
+            count = len(described["partitions"])
+            if count < partitions:
+                raise ConfigError(
+                    f"topic {described['name']} has {count} partitions, fewer than "
+                    f"{settings.interactions_topic}'s {partitions}: each answer goes to its event's "
+                    f"partition number. Add partitions to it (kafka-topics.sh --alter --topic "
+                    f"{described['name']} --partitions {partitions}) or name another topic "
+                    f"(KSR_TOPIC_RECOMMENDATIONS, KSR_TOPIC_DLQ)"
+                )
         missing = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
         if missing:
             try:
