@@ -358,10 +358,12 @@ def expected_outcomes(pool, catalog: set[str], recent_event_ids: int = 32):
     reason for a dead letter, "ok", or "duplicate" (an event id among the user's last 32)."""
     recent: dict[str, list[int]] = {}
     outcomes = []
-    for _, value in pool:
+    for key, value in pool:
         result = validate(value, MAX_EVENT_BYTES)
         if isinstance(result, Interaction) and result.item_id not in catalog:
             result = Rejection("unknown_item", "")
+        elif isinstance(result, Interaction) and key != result.user_id.encode():
+            result = Rejection("key_mismatch", "")
         if isinstance(result, Rejection):
             outcomes.append(result.reason)
             continue

@@ -128,6 +128,25 @@ def test_the_seen_filter_and_the_stored_history_keep_the_last_history_length_ite
     assert decode(table["a"]).history.tolist() == [indices[4], indices[5], indices[6]]
 
 
+@torch.no_grad()
+def test_an_event_under_another_key_is_dead_lettered_and_changes_no_state(recommender: Recommender) -> None:
+    """A user's events must share the partition of the user's key: an event under no key or another
+    user's key would be served from a second partition, where a redelivery is not recognised."""
+    item = recommender.item_tokens[5]
+    good = _source(0, "a", item, "e0")
+    no_key = Source(None, good.value, "interactions", 1, 7, 0.0)
+    other_key = Source(b"b", good.value.replace(b'"e0"', b'"e1"'), "interactions", 2, 8, 0.0)
+    processor = BatchProcessor(recommender)
+    result = processor.process([no_key, other_key], lambda user: None)
+    assert [reason for *_, reason in result.dead_letters] == ["key_mismatch", "key_mismatch"]
+    assert not result.states and not result.recommendations
+    details = [json.loads(letter)["detail"] for _, _, letter, _ in result.dead_letters]
+    assert details == ["the message key must be the user_id in UTF-8, got no key",
+                       "the message key must be the user_id in UTF-8, got b'b'"]
+    assert [json.loads(letter)["source"]["partition"] for _, _, letter, _ in result.dead_letters] == [1, 2]
+    assert len(processor.process([good], lambda user: None).recommendations) == 1
+
+
 @pytest.mark.parametrize("k", [10, 100])  # 100: more than the catalog's 53 groups of 32 items
 @pytest.mark.parametrize("block", [1, 64, 256, 1000, 4096])
 @torch.no_grad()

@@ -152,6 +152,7 @@ BAD_EVENTS = [
     (json.dumps({"user_id": {"a": 1}, "item_id": "50", "ts": 1}).encode(), "bad_user_id"),
     (json.dumps({"user_id": "1", "item_id": "50", "ts": "yesterday"}).encode(), "bad_ts"),
     (json.dumps({"user_id": "1", "item_id": "no-such-item", "ts": 1}).encode(), "unknown_item"),
+    (json.dumps({"user_id": "1", "item_id": "50", "ts": 1}).encode(), "key_mismatch"),  # sent under "bad"
     (json.dumps({"user_id": "1", "item_id": "50", "ts": 1, "pad": "x" * 4096}).encode(), "oversized"),
 ]
 

@@ -274,6 +274,13 @@ class BatchProcessor:
             # Index 0 is the padding row ([PAD]): a token of the catalog, but never an item.
             if isinstance(event, Interaction) and not catalog.get(event.item_id):
                 event = Rejection("unknown_item", f"item_id {event.item_id!r} is not in the model's catalog")
+            elif isinstance(event, Interaction) and source.key != event.user_id.encode():
+                # A user's events must share one partition: the user's state, its changelog record
+                # and the offset that makes a redelivery harmless all live in the partition of the
+                # user's key. Under another key (or none) the same user would be served from two
+                # partitions, and a redelivered event could be applied twice.
+                event = Rejection("key_mismatch", "the message key must be the user_id in UTF-8, got "
+                                  + ("no key" if source.key is None else _preview(source.key)))
             if isinstance(event, Rejection):
                 result.dead_letters.append(
                     (source.partition, source.key, dead_letter(source, event.reason, event.detail), event.reason)
