@@ -276,3 +276,32 @@ def test_the_start_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KSR_START_TIMEOUT_S", "-1")
     with pytest.raises(ConfigError, match="KSR_START_TIMEOUT_S must be a positive number"):
         Settings.from_env()
+
+
+def test_at_least_once_never_commits_past_a_send_that_failed(monkeypatch, caplog) -> None:
+    """Under at-least-once the offsets commit after Faust's flush, which does not raise when a send
+    failed: the worker checks every send since the last commit first, and restarts (so the events
+    come again) rather than commit offsets whose answers or dead letters never reached the broker."""
+    from types import SimpleNamespace
+
+    from worker import app
+
+    restarts = []
+    monkeypatch.setattr(app, "exit_for_restart", lambda what, with_traceback=True: restarts.append(what))
+
+    async def run(outcomes) -> list:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for outcome in outcomes:
+            future = loop.create_future()
+            future.set_exception(outcome) if isinstance(outcome, Exception) else future.set_result(outcome)
+            futures.append(future)
+        worker = SimpleNamespace(unconfirmed_sends=futures)
+        await app.Worker._confirm_sends(worker)
+        return worker.unconfirmed_sends
+
+    assert asyncio.run(run(["metadata", "metadata"])) == [] and restarts == []
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(run(["metadata", RuntimeError("TopicAuthorizationFailed")])) == []
+    assert restarts == ["a send failed"]
+    assert "1 sends failed" in caplog.text and "TopicAuthorizationFailed" in caplog.text

@@ -243,6 +243,8 @@ class Worker:
         # Under exactly-once: per input partition's transactional id, the changelog batches sent in
         # its open transaction (future, record count), for the table's persisted offset at its commit.
         self.changelog_sends: dict[str, list[tuple[asyncio.Future, int]]] = {}
+        # At-least-once: every send since the last offset commit, checked before the next one.
+        self.unconfirmed_sends: list[asyncio.Future] = []
         metrics.MODEL_VERSION.set(recommender.version)
 
     async def _agent(self, stream) -> None:
@@ -447,12 +449,28 @@ class Worker:
             offsets = self.ledger.clamp(offsets, self.settings.interactions_topic, self.app.consumer_generation_id)
             if not offsets:
                 return False
+            await self._confirm_sends()
             return await commit_offsets(offsets, start_new_transaction=start_new_transaction)
 
         consumer._commit_offsets = ledger_commit_offsets
         if self.app.in_transaction:
             self.app.producer.commit_transactions = self._commit_transactions
         consumer._ksr_gated = True
+
+    async def _confirm_sends(self) -> None:
+        """At-least-once: before input offsets commit, every answer, dead letter and changelog record
+        sent so far must have reached the broker. A send that failed (a topic the worker may not
+        write, a record the broker refuses) would otherwise be lost in silence behind the committed
+        offsets; the worker restarts instead, and the events are delivered again. (Under
+        exactly-once a failed send fails its transaction's commit, which restarts the worker.)"""
+        sends, self.unconfirmed_sends = self.unconfirmed_sends, []
+        if not sends:
+            return
+        failed = [r for r in await asyncio.gather(*sends, return_exceptions=True) if isinstance(r, BaseException)]
+        if failed:
+            log.error("%d sends failed (first: %r); not committing the offsets of their events",
+                      len(failed), failed[0])
+            exit_for_restart("a send failed", with_traceback=False)
 
     async def _commit_transactions(self, offsets_by_transaction, group_id: str,
                                    start_new_transaction: bool = True) -> None:
@@ -644,6 +662,8 @@ class Worker:
         sending = time.perf_counter() - started
         metrics.AGENT_PHASE["send_commit_wait"].inc(commit_wait)
         metrics.AGENT_PHASE["send"].inc(sending - commit_wait)
+        if not self.app.in_transaction:
+            self.unconfirmed_sends.extend(future for _, _, future, _ in sent)
         for sent_topic, partition, future, count in sent:
             if sent_topic != changelog:
                 continue
