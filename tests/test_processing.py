@@ -147,6 +147,26 @@ def test_an_event_under_another_key_is_dead_lettered_and_changes_no_state(recomm
     assert len(processor.process([good], lambda user: None).recommendations) == 1
 
 
+@torch.no_grad()
+def test_a_state_of_other_sizes_is_recomputed_not_stacked(recommender: Recommender) -> None:
+    """A checkpoint replaced by another training starts at version 1 again: a state stored under the
+    old one, with other sizes, is recomputed from the user's items instead of failing the batch."""
+    import dataclasses
+
+    processor = BatchProcessor(recommender)
+    items = recommender.item_tokens[3:6]
+    history = np.array(recommender.lookup(list(items[:2])), dtype=np.int32)
+    fresh = processor.new_user()
+    other = dataclasses.replace(fresh, hidden=np.zeros(3, np.float32), memory_values=np.zeros((2, 5), np.float32),
+                                evidence=np.zeros(2, np.float32), history=history, events=2)
+    result = processor.process([_source(0, "a", items[2], "e0")], lambda user: other)
+    assert result.recomputed_users == 1 and len(result.recommendations) == 1
+    state = result.states["a"][1]
+    assert state.hidden.shape == fresh.hidden.shape and state.memory_values.shape == fresh.memory_values.shape
+    expected = recommender.replay([[*history.tolist(), recommender.lookup([items[2]])[0]]])
+    np.testing.assert_allclose(state.hidden, expected.hidden[0].numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [10, 100])  # 100: more than the catalog's 53 groups of 32 items
 @pytest.mark.parametrize("block", [1, 64, 256, 1000, 4096])
 @torch.no_grad()
