@@ -305,3 +305,22 @@ def test_at_least_once_never_commits_past_a_send_that_failed(monkeypatch, caplog
         assert asyncio.run(run(["metadata", RuntimeError("TopicAuthorizationFailed")])) == []
     assert restarts == ["a send failed"]
     assert "1 sends failed" in caplog.text and "TopicAuthorizationFailed" in caplog.text
+
+
+def test_users_are_counted_in_the_partitions_served_not_in_standby_copies() -> None:
+    """Each worker keeps standby copies of other workers' partitions; their users are the other
+    workers' to count, or a cluster's sum of ksr_users_in_state would count them twice."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from worker import app
+
+    stores = {0: "store-0", 1: "store-1", 2: "standby-2", 3: "standby-3"}
+    worker = SimpleNamespace(
+        user_state=SimpleNamespace(data=SimpleNamespace(_dbs=stores)),
+        settings=SimpleNamespace(interactions_topic="interactions"),
+        app=SimpleNamespace(assignor=SimpleNamespace(assigned_actives=lambda: {
+            TP("interactions", 0), TP("interactions", 1), TP("ksr-users-changelog", 3)})),
+    )
+    assert app.Worker._active_stores(worker) == ["store-0", "store-1"]

@@ -198,6 +198,11 @@ def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> Non
                  "ksr_batch_size_count", "ksr_commit_seconds_count"):
         assert name in samples, name
     assert samples["ksr_recommendations_total"] >= REPLAYED
+    # The users of the partitions it serves (sampled every 10 s), none of them a standby's.
+    deadline = time.monotonic() + 30
+    while scrape(worker.metrics_url)["ksr_users_in_state"] == 0:
+        assert time.monotonic() < deadline, "ksr_users_in_state stayed 0"
+        time.sleep(1)
     # The stream runs exactly-once (the default): its answers became visible through commits.
     assert samples["ksr_commit_seconds_count"] >= 1
     # ... some of them as soon as the agent caught up (KSR_COMMIT_WHEN_IDLE), counted among them.

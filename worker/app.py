@@ -821,10 +821,21 @@ class Worker:
         """The RocksDB stores (rocksdict `Rdict`s) of the partitions this worker holds now."""
         return list(getattr(self.user_state.data, "_dbs", {}).values())
 
+    def _active_stores(self) -> list:
+        """The stores of the partitions this worker serves, without the standby copies it keeps of
+        other workers' partitions (whose users those workers count)."""
+        dbs = getattr(self.user_state.data, "_dbs", {})
+        try:
+            actives = {tp.partition for tp in self.app.assignor.assigned_actives()
+                       if tp.topic == self.settings.interactions_topic}
+        except Exception:  # noqa: BLE001 - no assignment yet: count what is there
+            return list(dbs.values())
+        return [db for partition, db in dbs.items() if partition in actives]
+
     async def _sample_gauges(self) -> None:
         """Every 10 s: the users in this worker's stores and its memory by part (worker.metrics)."""
         stores = self._stores()
-        metrics.USERS_IN_STATE.set(metrics.store_property(stores, "rocksdb.estimate-num-keys"))
+        metrics.USERS_IN_STATE.set(metrics.store_property(self._active_stores(), "rocksdb.estimate-num-keys"))
         # Off the event loop, as the trim is: glibc's mallinfo2 walks the heap's free chunks, which
         # takes longer the more of them there are.
         await asyncio.to_thread(metrics.sample_memory, stores, self.block_cache)
