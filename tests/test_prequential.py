@@ -214,3 +214,23 @@ def test_split_index_refuses_an_empty_side() -> None:
         prequential.split_index(1, 0.8)
     with pytest.raises(ValueError):
         prequential.split_index(10, 1.0)
+
+
+def test_the_command_line_sets_the_prefix_epochs(toy) -> None:
+    """`ksr evaluate --protocol stream --epochs N` trains the prefix model for N epochs, where the
+    default takes the checkpoint's best leave-one-out epoch (chosen on items after the split)."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import KSR, REPO
+
+    dataset, _, _ = toy
+    root = dataset.path.parent
+    env = {**os.environ, "KSR_CACHE_DIR": str(root / "cache")}
+    result = subprocess.run(
+        [*KSR, "evaluate", "--protocol", "stream", "--data", str(dataset.path), "--checkpoint", str(root / "ksr"),
+         "--epochs", "2", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert json.loads(result.stdout)["train_epochs"] == 2

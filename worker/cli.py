@@ -93,7 +93,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from model import prequential
 
-        result = prequential.evaluate_stream(loaded, dataset, plot=args.plot)
+        result = prequential.evaluate_stream(loaded, dataset, plot=args.plot, train_epochs=args.epochs)
     if args.json:
         _print_json(result)
     else:
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--protocol", choices=["loo", "stream"], default="loo")
     p.add_argument("--plot", default=None, help="PNG path for the prequential HR@10 plot")
+    p.add_argument("--epochs", type=_at_least_one, default=None,
+                   help="stream protocol: epochs on the prefix (default: the checkpoint's best epoch)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
