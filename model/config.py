@@ -105,6 +105,9 @@ class TrainConfig:
     # inside a sitting is arbitrary; the model and its scores are unchanged, only the training target.
     future_targets: int = 1
     future_decay: float = 0.5
+    # Each epoch, shuffle the order of a user's training events that share a timestamp (half of
+    # ml-100k's consecutive pairs do; their file order is arbitrary). Training only.
+    shuffle_ties: bool = False
 
     def __post_init__(self) -> None:
         # Checked when the settings are made, not after TransE has trained.

@@ -471,6 +471,12 @@ class Dataset:
         """Per user index, that user's item indices in time order (read-only arrays)."""
         return list(self._sequences)
 
+    def user_timestamps(self) -> list[np.ndarray]:
+        """Per user index, the timestamps of `user_sequences()`'s events, in the same order."""
+        order = np.argsort(self.users, kind="stable")
+        counts = np.bincount(self.users, minlength=self.n_users)
+        return np.split(self.timestamps[order], np.cumsum(counts)[:-1])
+
     def linked_items(self) -> int:
         """Number of items (excluding padding) that have a KG entity."""
         return int(np.count_nonzero(self.item_entity[1:] >= 0))

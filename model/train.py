@@ -168,6 +168,13 @@ def future_targets(items: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack([padded[:, 1 + j : steps + j] for j in range(1, count)], dim=2)
 
 
+def shuffle_within_ties(sequences: list[np.ndarray], stamps: list[np.ndarray],
+                        rng: np.random.Generator) -> list[np.ndarray]:
+    """Each sequence with the order of its same-timestamp events drawn at random (stamps sorted
+    ascending, one per item); events at different times keep their order."""
+    return [s[np.lexsort((rng.random(len(s)), t))] for s, t in zip(sequences, stamps)]
+
+
 @torch.no_grad()
 def update_average(averaged: KSR, model: KSR, decay: float) -> None:
     """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter."""
@@ -275,9 +282,12 @@ def train(
     best_state = copy.deepcopy(kept.state_dict())
     history = []
     epochs_started = time.perf_counter()
+    stamps = [t[:-2] for t in dataset.user_timestamps()] if config.shuffle_ties else None
+    tie_rng = np.random.default_rng(config.seed)
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        loss = train_epoch(model, optimizer, sequences, config, generator, negative_weights, averaged)
+        epoch_sequences = sequences if stamps is None else shuffle_within_ties(sequences, stamps, tie_rng)
+        loss = train_epoch(model, optimizer, epoch_sequences, config, generator, negative_weights, averaged)
         result = evaluate_loo_ksr(kept, split)
         seconds = time.perf_counter() - epoch_started
         history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": result["valid"]["ndcg@10"],

@@ -96,6 +96,14 @@ def test_stats_count_ties_between_a_users_consecutive_events(toy: Path) -> None:
     assert stats["median_gap_s"] == 100.0
 
 
+def test_user_timestamps_line_up_with_the_sequences(toy: Path) -> None:
+    d = data.load(toy)
+    by_user = {d.user_tokens[u]: (s.tolist(), t.tolist())
+               for u, (s, t) in enumerate(zip(d.user_sequences(), d.user_timestamps()))}
+    assert by_user["u1"] == ([d.item_index["i30"], d.item_index["i10"]], [100.0, 300.0])
+    assert by_user["u2"] == ([d.item_index["i20"], d.item_index["i10"]], [100.0, 100.0])  # a tie, file order
+
+
 def test_user_sequences_in_time_order(toy: Path) -> None:
     d = data.load(toy)
     seqs = {

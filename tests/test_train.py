@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,19 @@ def test_future_targets_weight_the_items_after_the_next_and_stop_at_the_sequence
         sequence_loss(model, users, targets, label_smoothing=0.1, future=future)
 
 
+def test_shuffling_ties_permutes_only_events_that_share_a_timestamp() -> None:
+    sequence = np.array([7, 3, 4, 5, 9, 2])
+    stamps = np.array([10.0, 20.0, 20.0, 20.0, 30.0, 40.0])
+    rng = np.random.default_rng(0)
+    orders = set()
+    for _ in range(50):
+        (shuffled,) = training.shuffle_within_ties([sequence], [stamps], rng)
+        assert shuffled[0] == 7 and shuffled[4:].tolist() == [9, 2]  # events at other times stay put
+        assert sorted(shuffled[1:4].tolist()) == [3, 4, 5]
+        orders.add(tuple(shuffled[1:4].tolist()))
+    assert len(orders) == 6  # every order of the three tied events comes up
+
+
 def test_training_with_the_seen_penalty_lowers_the_seen_share(toy, monkeypatch) -> None:
     """Same seed and data: the penalty moves the model's top 10 away from what users consumed."""
     dataset, root = toy
@@ -306,8 +320,6 @@ def test_train_refuses_bad_settings_before_it_starts(tmp_path, flags: list[str],
 def test_training_windows_predict_every_target_once_from_at_least_max_len_items(max_len: int) -> None:
     """Over a user's windows the trained positions' targets are its items after the first, each once
     and in order, and each is predicted from min(max_len, its history) to 2 * max_len - 1 items."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     sequences = [rng.integers(1, 100, size=n) for n in (1, 2, 3, 10, 49, 50, 51, 120)]
     for sequence in sequences:

@@ -59,7 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             relations=args.relations, threads=args.threads, max_minutes=args.max_minutes, ema=args.ema,
             seen_penalty=args.seen_penalty, lr_decay=args.lr_decay, lr_patience=args.lr_patience,
             item_init_std=args.item_init_std, max_len=args.max_len, label_smoothing=args.label_smoothing,
-            future_targets=args.future_targets, future_decay=args.future_decay,
+            future_targets=args.future_targets, future_decay=args.future_decay, shuffle_ties=args.shuffle_ties,
         )
         model_config = KSRConfig(  # the catalog's size is the data's, set once it is read
             n_items=1, n_relations=0, kb_dim=args.kb_dim, item_dim=args.item_dim, hidden_dim=args.hidden_dim,
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ce only: train each position towards this many next items, the j-th after the "
                         "next weighted --future-decay**j (1 = the next item only)")
     p.add_argument("--future-decay", type=float, default=train_d["future_decay"])
+    p.add_argument("--shuffle-ties", action=argparse.BooleanOptionalAction, default=train_d["shuffle_ties"],
+                   help="each epoch, shuffle the order of a user's training events that share a timestamp")
     p.add_argument("--label-smoothing", type=float, default=train_d["label_smoothing"],
                    help="ce only: the target keeps 1 - this of the loss, the rest spread over all items (0 = off)")
     p.add_argument("--relations", type=int, default=train_d["relations"], help="memory relations, by item coverage")
