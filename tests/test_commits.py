@@ -274,7 +274,7 @@ def test_the_start_timeout_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("KSR_START_TIMEOUT_S", raising=False)
     assert Settings.from_env().start_timeout_s == 120.0
     monkeypatch.setenv("KSR_START_TIMEOUT_S", "-1")
-    with pytest.raises(ConfigError, match="KSR_START_TIMEOUT_S must be a positive number"):
+    with pytest.raises(ConfigError, match="KSR_START_TIMEOUT_S must be a positive, finite number"):
         Settings.from_env()
 
 

@@ -42,7 +42,7 @@ def _positive_float(name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a positive, finite number, got {raw!r}") from None
     if not 0 < value < float("inf"):
         raise ConfigError(f"{name} must be a positive, finite number, got {raw!r}")
     return value

@@ -240,7 +240,7 @@ class BatchProcessor:
         answer_duplicates: bool = False,
     ) -> None:
         self.recommender = recommender
-        self._state_shapes = self._shapes_of(recommender)
+        self._state_shapes: tuple | None = None  # a state's shapes under the model, when first needed
         # At-least-once: a redelivered event whose id the user's state already holds may never
         # have been answered (the process died between the state write and the send), so it is
         # answered again from the user's current state; the state does not take it twice.
@@ -253,13 +253,14 @@ class BatchProcessor:
     def swap(self, recommender: Recommender) -> None:
         """Serve a new model from the next batch on."""
         self.recommender = recommender
-        self._state_shapes = self._shapes_of(recommender)
+        self._state_shapes = None
 
-    @staticmethod
-    def _shapes_of(recommender: Recommender) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The shapes of one user's GRU state and memory values under a model."""
-        initial = recommender.initial_state(1)
-        return tuple(initial.hidden.shape[1:]), tuple(initial.memory_values.shape[1:])
+    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one user's GRU state and memory values under the current model."""
+        if self._state_shapes is None:
+            initial = self.recommender.initial_state(1)
+            self._state_shapes = (tuple(initial.hidden.shape[1:]), tuple(initial.memory_values.shape[1:]))
+        return self._state_shapes
 
     def new_user(self) -> StoredUser:
         """State of a user with no events under the current model."""
@@ -306,7 +307,7 @@ class BatchProcessor:
                 stored = self.new_user()
                 result.new_users += 1
             elif (stored.model_version != self.recommender.version
-                  or (stored.hidden.shape, stored.memory_values.shape) != self._state_shapes):
+                  or (stored.hidden.shape, stored.memory_values.shape) != self._shapes()):
                 # Computed by another model: its version, or (a checkpoint replaced by another
                 # training, which starts at version 1 again) its sizes differ. Recomputed from
                 # the user's item history under this one.
