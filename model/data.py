@@ -460,12 +460,20 @@ class Dataset:
         return {t: i for i, t in enumerate(self.item_tokens) if i > 0}
 
     @cached_property
-    def _sequences(self) -> list[np.ndarray]:
-        # A stable sort by user keeps each user's events in the global time order.
+    def _by_user(self) -> tuple[np.ndarray, np.ndarray]:
+        """The event indices grouped by user, each user's in time order (a stable sort by user
+        keeps the global time order), and where each user's group starts after the first."""
         order = np.argsort(self.users, kind="stable")
-        counts = np.bincount(self.users, minlength=self.n_users)
-        seqs = np.split(self.items[order], np.cumsum(counts)[:-1])
-        return [_frozen(s) for s in seqs]
+        return order, np.cumsum(np.bincount(self.users, minlength=self.n_users))[:-1]
+
+    def _per_user(self, values: np.ndarray) -> list[np.ndarray]:
+        """An event-aligned array split into one array per user, in `_by_user`'s order."""
+        order, starts = self._by_user
+        return np.split(values[order], starts)
+
+    @cached_property
+    def _sequences(self) -> list[np.ndarray]:
+        return [_frozen(s) for s in self._per_user(self.items)]
 
     def user_sequences(self) -> list[np.ndarray]:
         """Per user index, that user's item indices in time order (read-only arrays)."""
@@ -473,9 +481,7 @@ class Dataset:
 
     def user_timestamps(self) -> list[np.ndarray]:
         """Per user index, the timestamps of `user_sequences()`'s events, in the same order."""
-        order = np.argsort(self.users, kind="stable")
-        counts = np.bincount(self.users, minlength=self.n_users)
-        return np.split(self.timestamps[order], np.cumsum(counts)[:-1])
+        return self._per_user(self.timestamps)
 
     def linked_items(self) -> int:
         """Number of items (excluding padding) that have a KG entity."""
@@ -486,7 +492,7 @@ class Dataset:
         consecutive pairs (one user's events in time order) with the same timestamp, the share
         within 60 seconds, and the median gap. Ties are ordered by file order, which the
         leave-one-out protocol then treats as the order of consumption."""
-        order = np.argsort(self.users, kind="stable")  # each user's events in time order
+        order, _ = self._by_user  # each user's events in time order
         same_user = self.users[order][1:] == self.users[order][:-1]
         gaps = (self.timestamps[order][1:] - self.timestamps[order][:-1])[same_user]
         pairs = int(gaps.size)

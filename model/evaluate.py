@@ -30,7 +30,12 @@ class LeaveOneOut:
 
     def train_sequences(self) -> list[np.ndarray]:
         """Everything but each user's last two events."""
-        return [s[:-2] for s in self.sequences]
+        return self.training_part(self.sequences)
+
+    @staticmethod
+    def training_part(per_user: list[np.ndarray]) -> list[np.ndarray]:
+        """Of any per-user, event-aligned arrays (items, timestamps), the training events' part."""
+        return [values[:-2] for values in per_user]
 
     def evaluated_users(self) -> list[int]:
         """Users with a training event, a validation and a test target."""

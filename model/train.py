@@ -282,7 +282,7 @@ def train(
     best_state = copy.deepcopy(kept.state_dict())
     history = []
     epochs_started = time.perf_counter()
-    stamps = [t[:-2] for t in dataset.user_timestamps()] if config.shuffle_ties else None
+    stamps = LeaveOneOut.training_part(dataset.user_timestamps()) if config.shuffle_ties else None
     tie_rng = np.random.default_rng(config.seed)
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
