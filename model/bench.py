@@ -98,6 +98,28 @@ def bench_step(
     result["score_ms_per_event"] = round(seconds / largest * 1000, 4)
     result["score_gflops"] = round(2 * largest * catalog * item_vectors.shape[1] / seconds / 1e9, 1)
 
+    # The ranking on int8 products (KSR_RANKING_PRECISION=int8) beside the float32 one, on the same
+    # users (the model's vectors after 20 random events) and seen items, at three batch sizes: ms per
+    # event; and, at the largest batch, the share of rows whose items are the float ranking's and
+    # the share the int8 bound did not certify (ranked again in float32, within the int8 time).
+    quantized = Recommender(recommender.checkpoint, compiled=True, ranking_precision="int8")
+    by_precision = {}
+    for batch in sorted({1, 16, largest}):
+        state = recommender.model.replay(torch.randint(1, catalog, (batch, 20), generator=generator))
+        vectors, _ = recommender.user_vectors(state)
+        seen_rows = torch.randint(1, catalog, (batch, 20), generator=generator).tolist()
+        by_precision[str(batch)] = {
+            name: round(_median_seconds(lambda r=serving, u=vectors, s=seen_rows: r._top_k(u, s, k), repeats)
+                        / batch * 1000, 4)
+            for name, serving in (("float32", recommender), ("int8", quantized))
+        }
+    result["rank_ms_per_event_by_precision"] = by_precision
+    _, float_items = recommender._top_k(vectors, seen_rows, k)
+    quantized.ranked_again = 0
+    _, int8_items = quantized._top_k(vectors, seen_rows, k)
+    result["rank_int8_same_items_share"] = round(float((float_items == int8_items).all(dim=1).float().mean()), 4)
+    result["rank_int8_ranked_again_share"] = round(quantized.ranked_again / largest, 4)
+
     # A batch's forward (`Recommender.run`, what the worker calls) on blocks of three shapes, with
     # both serving kernels: many users with one event each, a full block of a few events each, and
     # a session-shaped block (a few users with many events, most of it padding, as ml-100k's

@@ -32,6 +32,8 @@ import numpy as np
 # multiply-adds, divide by reciprocals, ignore the sign of zero; never assume away inf or NaN (an
 # overflowing exp in the write gate is meant to give gate 0).
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+# The floor of int32 scores (`merge_top_k_unseen_int`): below every product of two int8 vectors.
+INT32_MIN = np.iinfo(np.int32).min
 
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-TANH_CLAMP, TANH_CLAMP], where float32 tanh is within 3e-7 of +-1.
 TANH_CLAMP = np.float32(7.90531110763549805)
@@ -146,6 +148,8 @@ def warm() -> None:
     )
     merge_top_k_unseen(np.zeros((1, 2), f32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
                        np.zeros((1, 1), f32), np.zeros((1, 1), np.int64))
+    merge_top_k_unseen_int(np.zeros((1, 2), np.int32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
+                           np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -161,16 +165,28 @@ def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_
     block by block through this, each block's scores still in the cache, instead of a (B, N)
     matrix (100 MB for 256 users and 100,000 items); ml-100k's is one block.
     """
+    _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, -np.inf)
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_top_k_unseen_int(scores, offset, seen_starts, seen_items, top_scores, top_items):
+    """`merge_top_k_unseen` for int32 scores (int8 products, `model/ranking_int8.py`): excluded
+    entries and empty slots hold INT32_MIN instead of -inf (start `top_scores` at it)."""
+    _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, INT32_MIN)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, floor):
     batch, n = scores.shape
     k = top_scores.shape[1]
     for b in range(batch):
         row = scores[b]
         if offset == 0:
-            row[0] = -np.inf
+            row[0] = floor
         for s in range(seen_starts[b], seen_starts[b + 1]):
             j = seen_items[s] - offset
             if 0 <= j < n:
-                row[j] = -np.inf
+                row[j] = floor
         best = top_scores[b]
         items = top_items[b]
         threshold = best[k - 1]

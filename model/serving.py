@@ -27,6 +27,8 @@ RANK_GROUP_ITEMS = 32
 # Batches of at most this many users are scored against the whole catalog at once: their score
 # matrix is small, and a block loop's extra steps cost more than they save (`ksr bench step`).
 RANK_DIRECT_MAX_BATCH = 16
+# What the ranking's score products run in (`KSR_RANKING_PRECISION`); the answers are the same.
+RANKING_PRECISIONS = ("float32", "int8")
 
 
 @dataclass
@@ -41,9 +43,18 @@ class Recommendation:
 class Recommender:
     """A loaded KSR/GRU4Rec checkpoint, ready to step users and rank the catalog."""
 
-    def __init__(self, checkpoint: checkpoints.Checkpoint, compiled: bool = True) -> None:
+    def __init__(
+        self, checkpoint: checkpoints.Checkpoint, compiled: bool = True, ranking_precision: str = "float32"
+    ) -> None:
         """`compiled`: `run` through the compiled recurrence (model/kernels.py); False runs PyTorch's
-        own batch forward (the training path, without autograd): the same results, slower."""
+        own batch forward (the training path, without autograd): the same results, slower.
+        `ranking_precision`: "int8" chooses candidates by int8 products and answers exactly as
+        "float32" does (`model/ranking_int8.py`; needs `compiled`)."""
+        if ranking_precision not in RANKING_PRECISIONS:
+            raise ValueError(f"ranking_precision must be one of {', '.join(RANKING_PRECISIONS)}, "
+                             f"got {ranking_precision!r}")
+        if ranking_precision == "int8" and not compiled:
+            raise ValueError("the int8 ranking runs through the compiled kernels: serve it with compiled=True")
         if checkpoint.model is None:
             raise checkpoints.CheckpointError(
                 f"a {checkpoint.kind} checkpoint has no per-user state to stream: serve a ksr or "
@@ -67,11 +78,18 @@ class Recommender:
             kernels.warm()  # the worker's batch path (`run`) compiled before the first batch
         self.rank_block_items = RANK_BLOCK_ITEMS
         self.rank_direct_max_batch = RANK_DIRECT_MAX_BATCH
+        self.ranking_precision = ranking_precision
+        self.int8_catalog = None
+        if ranking_precision == "int8":
+            from model.ranking_int8 import Int8Catalog
+
+            self.int8_catalog = Int8Catalog(self.item_vectors)
+        self.ranked_again = 0  # rows the int8 ranking handed back to the float path, since load
 
     @classmethod
-    def load(cls, directory: str | Path, compiled: bool = True) -> Recommender:
+    def load(cls, directory: str | Path, compiled: bool = True, ranking_precision: str = "float32") -> Recommender:
         """Load a checkpoint folder (raises CheckpointError with what to fix)."""
-        return cls(checkpoints.load(directory), compiled)
+        return cls(checkpoints.load(directory), compiled, ranking_precision)
 
     @property
     def n_items(self) -> int:
@@ -190,6 +208,8 @@ class Recommender:
         lengths = [len(s) for s in seen]
         cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
+        if self.int8_catalog is not None:
+            return self._top_k_int8(user_vectors, lengths, cols, k)
         if self.compiled:
             return self._top_k_compiled(user_vectors, lengths, cols, k)
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
@@ -252,6 +272,24 @@ class Recommender:
             scores = user_vectors @ self.item_vectors[start : start + size].T  # fresh: the kernel overwrites it
             kernels.merge_top_k_unseen(scores.numpy(), start, starts, cols, top_scores, top_items)
         return torch.from_numpy(top_scores), torch.from_numpy(top_items)
+
+    def _top_k_int8(
+        self, user_vectors: torch.Tensor, lengths: list[int], cols: np.ndarray, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_top_k` on int8 products (`model/ranking_int8.py`): rows whose answer the bound does not
+        certify are ranked again by `_top_k_compiled`, so every row gets the float ranking's answer."""
+        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        top_scores, top_items, certified = self.int8_catalog.top_k(user_vectors, starts, cols, k)
+        if not certified.all():
+            rows = np.flatnonzero(~certified)
+            again = [cols[starts[row] : starts[row + 1]] for row in rows]
+            scores, items = self._top_k_compiled(
+                user_vectors[torch.from_numpy(rows)], [len(a) for a in again],
+                np.concatenate(again) if again else cols[:0], k)
+            top_scores[torch.from_numpy(rows)], top_items[torch.from_numpy(rows)] = scores, items
+            self.ranked_again += len(rows)
+        return top_scores, top_items
 
     def lookup(self, tokens: Sequence[str]) -> list[int]:
         """Item indices of raw item ids; raises KeyError naming the first unknown id."""

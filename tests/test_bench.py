@@ -22,6 +22,10 @@ def test_bench_step_prints_its_figures() -> None:
     assert figures["catalog"] == 1682 and figures["history"] == 200
     assert figures["speedup_vs_recompute"] > 0
     assert figures["score_ms_per_event"] > 0 and figures["score_gflops"] > 0
+    assert set(figures["rank_ms_per_event_by_precision"]) == {"1", "16", "512"}
+    assert all(set(pair) == {"float32", "int8"} for pair in figures["rank_ms_per_event_by_precision"].values())
+    assert figures["rank_int8_same_items_share"] == 1.0  # the int8 ranking's answers are the float one's
+    assert 0 <= figures["rank_int8_ranked_again_share"] <= 1
 
 
 def test_bench_batches_cuts_the_same_events_both_ways(small_checkpoint) -> None:
@@ -65,6 +69,7 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     for key in ("raw_pipe_eps", "worker_eps", "p50_ms", "p99_ms", "events", "catalog"):
         assert key in figures, key
     assert figures["events"] == 2000 and figures["catalog"] == 1682
+    assert figures["ranking_precision"] == "float32" and figures["ranked_again_share"] == 0
     assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0
     assert 0 < figures["p50_ms"] <= figures["p99_ms"]
     # Each answer is emitted before it arrives, so the emitted quantiles cannot exceed the arrived ones.
@@ -135,11 +140,13 @@ def test_bench_throughput_runs_on_a_synthetic_catalog(bootstrap, tmp_path) -> No
         [*KSR, "bench", "throughput", "--data", str(data), "--events", "1000", "--checkpoint", str(checkpoint),
          "--latency-rate", "50", "--latency-events", "200", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
-        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KSR_STATE_PRECISION": "int8"},
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KSR_STATE_PRECISION": "int8",
+             "KSR_RANKING_PRECISION": "int8"},
     )
     figures = json.loads(result.stdout)
     assert figures["catalog"] == 400 and figures["data"] == "synth-small"
-    assert figures["state_precision"] == "int8"
+    assert figures["state_precision"] == "int8" and figures["ranking_precision"] == "int8"
+    assert 0 <= figures["ranked_again_share"] <= 1
     assert figures["worker_eps"] > 0 and figures["state_bytes_per_user"] > 0
     assert figures["latency_rate_eps"] == 50 and figures["latency_events"] == 200
 

@@ -251,7 +251,9 @@ def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, 
     return answers
 
 
-@pytest.mark.parametrize(("variable", "value"), [("KSR_FAST_DELIVERY", "0"), ("KSR_SERVING_KERNEL", "torch")])
+@pytest.mark.parametrize(("variable", "value"), [
+    ("KSR_FAST_DELIVERY", "0"), ("KSR_SERVING_KERNEL", "torch"), ("KSR_RANKING_PRECISION", "int8"),
+])
 def test_the_other_delivery_and_serving_paths_give_the_same_answers(
     tmp_path, bootstrap, small_checkpoint, replayed, variable, value
 ) -> None:
@@ -261,6 +263,7 @@ def test_the_other_delivery_and_serving_paths_give_the_same_answers(
     KSR_FAST_DELIVERY=0: Faust's stream delivers the events one at a time, instead of whole fetches
     handed to the agent (worker.delivery). KSR_SERVING_KERNEL=torch: each batch's recurrence runs
     through PyTorch's own forward instead of the compiled loop of model/kernels.py.
+    KSR_RANKING_PRECISION=int8: the catalog is ranked on int8 products, certified or ranked again.
     """
     count = 400
     env = stream_env(tmp_path, bootstrap, small_checkpoint, KSR_MAX_EVENT_BYTES="2048", **{variable: value})
@@ -269,6 +272,19 @@ def test_the_other_delivery_and_serving_paths_give_the_same_answers(
     for message in answers:
         assert message["items"] == direct[message["event_id"]]["items"], message["event_id"]
         assert message["scores"] == pytest.approx(direct[message["event_id"]]["scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("environment", "message"), [
+    ({"KSR_RANKING_PRECISION": "int4"}, "KSR_RANKING_PRECISION must be one of float32, int8"),
+    ({"KSR_RANKING_PRECISION": "int8", "KSR_SERVING_KERNEL": "torch"}, "runs through the compiled kernels"),
+])
+def test_a_ranking_precision_the_worker_cannot_serve_is_refused(monkeypatch, environment, message) -> None:
+    from worker.config import ConfigError, Settings
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env()
 
 
 def test_a_serving_kernel_that_does_not_exist_is_refused(monkeypatch) -> None:

@@ -588,9 +588,10 @@ class Worker:
                 if version <= current:
                     continue
                 try:
-                    # Served as the current model is (KSR_SERVING_KERNEL).
+                    # Served as the current model is (KSR_SERVING_KERNEL, KSR_RANKING_PRECISION).
+                    serving = self.processor.recommender
                     recommender = await asyncio.to_thread(
-                        Recommender.load, path, self.processor.recommender.compiled)
+                        Recommender.load, path, serving.compiled, serving.ranking_precision)
                 except Exception as error:  # noqa: BLE001 - whatever fails, the current model keeps serving
                     if not isinstance(error, CheckpointError):
                         error = f"{type(error).__name__}: {error}"
@@ -681,6 +682,8 @@ class Worker:
         metrics.EVENTS.labels("duplicate").inc(result.duplicates)
         metrics.RECOMMENDATIONS.inc(len(result.recommendations))
         metrics.RECOMPUTED_USERS.inc(result.recomputed_users)
+        if result.ranked_again:
+            metrics.RANKED_AGAIN.inc(result.ranked_again)
         metrics.observe_many(metrics.LATENCY_SECONDS, result.latencies)
         return processed + sending  # _batch books the rest of the batch's time as "other"
 
@@ -932,7 +935,8 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
         settings = _replace(settings, checkpoint=checkpoint)
     torch.set_num_threads(settings.torch_threads)
     try:
-        recommender = Recommender.load(settings.checkpoint, settings.serving_kernel == "compiled")
+        recommender = Recommender.load(
+            settings.checkpoint, settings.serving_kernel == "compiled", settings.ranking_precision)
     except CheckpointError as error:
         print(f"ksr worker: cannot serve {settings.checkpoint}: {error}", file=sys.stderr)
         return 2

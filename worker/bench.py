@@ -205,7 +205,7 @@ def _drain(settings: Settings, topic: str, count: int, timeout: float) -> tuple[
 
 # What `_watch` reads from each worker's metrics page, summed over the workers.
 _WATCHED = ("ksr_recommendations_total", "process_resident_memory_bytes", "process_cpu_seconds_total",
-            "ksr_batch_size_sum", "ksr_batch_size_count", "ksr_model_steps_total")
+            "ksr_batch_size_sum", "ksr_batch_size_count", "ksr_model_steps_total", "ksr_ranked_again_total")
 # The worker's memory by part (worker.metrics.sample_memory, every 10 s), as named on the metrics page.
 MEMORY_PARTS = {
     **{part: f'ksr_memory_bytes{{part="{part}"}}' for part in (*ROCKSDB_MEMORY, *C_HEAP)},
@@ -231,7 +231,8 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
     and a read_committed reader of the answers takes most of a core on a small machine (README,
     Speed). Returns samples taken every `interval` s, each (answers emitted, resident memory, CPU
     seconds (all threads), event-loop threads' CPU seconds, monotonic time, events in batches,
-    batches, {agent phase: seconds, "model_steps": sequential model steps}, machine busy CPU
+    batches, {agent phase: seconds, "model_steps": sequential model steps, "ranked_again": answers the
+    int8 ranking ranked again}, machine busy CPU
     seconds), every worker figure summed over the workers; the dict also holds the memory parts
     (MEMORY_PARTS) as "memory:PART".
     """
@@ -258,6 +259,7 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
                             total("ksr_batch_size_sum"), total("ksr_batch_size_count"),
                             {**{phase: total(name) for phase, name in AGENT_PHASES.items()},
                              "model_steps": total("ksr_model_steps_total"),
+                             "ranked_again": total("ksr_ranked_again_total"),
                              **{f"memory:{part}": total(name) for part, name in MEMORY_PARTS.items()}},
                             _machine_busy_seconds()))
             if answered >= count:
@@ -405,6 +407,12 @@ def _agent_ms_per_event(samples: list[tuple], count: int) -> dict[str, float] | 
         if seconds is not None:
             figures[phase] = round(seconds * 1000, 4)
     return figures or None
+
+
+def _ranked_again_share(samples: list[tuple]) -> float | None:
+    """Answers ranked again in float32 (`ksr_ranked_again`) per answer over the whole drain."""
+    answered, again = samples[-1][0], samples[-1][7].get("ranked_again")
+    return None if again is None or not answered else round(again / answered, 6)
 
 
 def _model_steps_per_event(samples: list[tuple], count: int) -> float | None:
@@ -623,6 +631,9 @@ def bench_throughput(
         "output_bytes": len(reply),
         "processing_guarantee": env.get("KSR_PROCESSING_GUARANTEE", base.processing_guarantee),
         "state_precision": env.get("KSR_STATE_PRECISION", base.state_precision),
+        "ranking_precision": env.get("KSR_RANKING_PRECISION", base.ranking_precision),
+        # Of the drained events' answers, the share the int8 ranking did not certify (0 in float32).
+        "ranked_again_share": _ranked_again_share(samples),
         "users": users,
         "state_bytes_per_user": round(state_bytes / max(users, 1), 1),
         **_rss_growth(samples, events),

@@ -97,6 +97,7 @@ class Settings:
     session_timeout_s: float
     state_precision: str
     serving_kernel: str
+    ranking_precision: str
     torch_threads: int
     kafka_security: dict = field(default_factory=dict, repr=False)  # holds the SASL password
 
@@ -104,7 +105,7 @@ class Settings:
     def from_env(cls) -> Settings:
         """Read and validate every setting; raises ConfigError on the first bad one."""
         base = var_dir()
-        return cls(
+        settings = cls(
             bootstrap_servers=_text("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
             app_id=_text("KSR_APP_ID", "ksr-worker"),
             interactions_topic=_text("KSR_TOPIC_INTERACTIONS", "interactions"),
@@ -136,9 +137,14 @@ class Settings:
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             serving_kernel=_choice("KSR_SERVING_KERNEL", "compiled", ("compiled", "torch")),
+            ranking_precision=_choice("KSR_RANKING_PRECISION", "float32", ("float32", "int8")),
             torch_threads=_positive_int("KSR_TORCH_THREADS", 1),
             kafka_security=kafka_security_from_env(),
         )
+        if settings.ranking_precision == "int8" and settings.serving_kernel != "compiled":
+            raise ConfigError("KSR_RANKING_PRECISION=int8 runs through the compiled kernels: unset "
+                              "KSR_SERVING_KERNEL or set it to compiled")
+        return settings
 
     def describe(self) -> dict:
         """The settings as printable values (secrets masked)."""

@@ -70,6 +70,10 @@ QUEUED_EVENTS = Gauge(
 MODEL_VERSION = Gauge("ksr_model_version", "Version of the model being served")
 USERS_IN_STATE = Gauge("ksr_users_in_state", "Users with state in this worker's partitions (estimate)")
 RECOMPUTED_USERS = Counter("ksr_recomputed_users", "Users whose state was recomputed after a model swap")
+RANKED_AGAIN = Counter(
+    "ksr_ranked_again", "Answers the int8 ranking could not certify and ranked again in float32 "
+    "(KSR_RANKING_PRECISION=int8)"
+)
 SKIPPED_EVENTS = Counter(
     "ksr_skipped_deliveries", "Deliveries not processed: redelivered (already processed) or from before a rebalance",
     ["reason"],

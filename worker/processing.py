@@ -167,6 +167,7 @@ class BatchResult:
     answered_duplicates: int = 0  # of the duplicates, those answered again (at-least-once)
     new_users: int = 0
     recomputed_users: int = 0
+    ranked_again: int = 0  # answers the int8 ranking did not certify, ranked again in float32
     rounds: int = 0  # sequential model steps: the most events any one user had in the batch
     step_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # event timestamp -> emit, seconds
@@ -460,8 +461,10 @@ class BatchProcessor:
     ) -> None:
         """Rank every event of the batch at once and build its recommendation message."""
         started = time.perf_counter()
+        before = self.recommender.ranked_again
         recommendations = self.recommender.rank_vectors(user_vectors, weights, seen, self.top_k)
         result.step_seconds += time.perf_counter() - started
+        result.ranked_again += self.recommender.ranked_again - before
         emitted = time.time()
         version = self.recommender.version
         for (source, event, _), rec in zip(entries, recommendations):
