@@ -15,7 +15,8 @@ beyond which it is clamped, and at the extremes), against the 1e-5 to which the 
 held (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
 
 `merge_top_k_unseen` ranks the catalog block by block (ml-100k's is one block), one pass per row
-that skips the seen items as it goes (`Recommender._top_k`).
+that skips the seen items as it goes (`Recommender._top_k`); `heap_top_k_unseen_int` does the same
+for int8 products' int32 scores, keeping many candidates unordered (`model/ranking_int8.py`).
 
 numba compiles these once per checkout (a few seconds) and caches them next to this file;
 `warm()` does it before the worker's first batch. Only the serving path imports this module.
@@ -32,7 +33,7 @@ import numpy as np
 # multiply-adds, divide by reciprocals, ignore the sign of zero; never assume away inf or NaN (an
 # overflowing exp in the write gate is meant to give gate 0).
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-# The floor of int32 scores (`merge_top_k_unseen_int`): below every product of two int8 vectors.
+# The floor of int32 scores (`heap_top_k_unseen_int`): below every product of two int8 vectors.
 INT32_MIN = np.iinfo(np.int32).min
 
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-TANH_CLAMP, TANH_CLAMP], where float32 tanh is within 3e-7 of +-1.
@@ -148,8 +149,8 @@ def warm() -> None:
     )
     merge_top_k_unseen(np.zeros((1, 2), f32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
                        np.zeros((1, 1), f32), np.zeros((1, 1), np.int64))
-    merge_top_k_unseen_int(np.zeros((1, 2), np.int32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
-                           np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int64))
+    heap_top_k_unseen_int(np.zeros((1, 2), np.int32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
+                          np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -165,28 +166,16 @@ def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_
     block by block through this, each block's scores still in the cache, instead of a (B, N)
     matrix (100 MB for 256 users and 100,000 items); ml-100k's is one block.
     """
-    _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, -np.inf)
-
-
-@numba.njit(cache=True, nogil=True)
-def merge_top_k_unseen_int(scores, offset, seen_starts, seen_items, top_scores, top_items):
-    """`merge_top_k_unseen` for int32 scores (int8 products, `model/ranking_int8.py`): excluded
-    entries and empty slots hold INT32_MIN instead of -inf (start `top_scores` at it)."""
-    _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, INT32_MIN)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items, floor):
     batch, n = scores.shape
     k = top_scores.shape[1]
     for b in range(batch):
         row = scores[b]
         if offset == 0:
-            row[0] = floor
+            row[0] = -np.inf
         for s in range(seen_starts[b], seen_starts[b + 1]):
             j = seen_items[s] - offset
             if 0 <= j < n:
-                row[j] = floor
+                row[j] = -np.inf
         best = top_scores[b]
         items = top_items[b]
         threshold = best[k - 1]
@@ -201,3 +190,45 @@ def _merge_top_k(scores, offset, seen_starts, seen_items, top_scores, top_items,
                 best[at] = value
                 items[at] = offset + j
                 threshold = best[k - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def heap_top_k_unseen_int(scores, offset, seen_starts, seen_items, heap, heap_items):
+    """For int32 scores (int8 products, `model/ranking_int8.py`): fold a block (B, n), items
+    `offset` to `offset + n - 1`, into each row's best k kept as a min-heap (`heap`, `heap_items`,
+    (B, k), in no order but the smallest at [b, 0]; start them at INT32_MIN and 0), leaving out item 0
+    and the row's seen items as `merge_top_k_unseen` does (overwritten with INT32_MIN in `scores`).
+    An entry enters only above the heap's smallest, in log(k) steps: the candidates are many (48 or
+    more) and ranked again afterwards, so the sorted insertion of `merge_top_k_unseen`, k steps
+    each, would cost more than the comparisons."""
+    batch, n = scores.shape
+    k = heap.shape[1]
+    for b in range(batch):
+        row = scores[b]
+        if offset == 0:
+            row[0] = INT32_MIN
+        for s in range(seen_starts[b], seen_starts[b + 1]):
+            j = seen_items[s] - offset
+            if 0 <= j < n:
+                row[j] = INT32_MIN
+        values = heap[b]
+        items = heap_items[b]
+        threshold = values[0]
+        for j in range(n):
+            value = row[j]
+            if value > threshold:
+                at = 0  # the smallest leaves; the new entry sinks from the root to its place
+                while True:
+                    child = 2 * at + 1
+                    if child >= k:
+                        break
+                    if child + 1 < k and values[child + 1] < values[child]:
+                        child += 1
+                    if values[child] >= value:
+                        break
+                    values[at] = values[child]
+                    items[at] = items[child]
+                    at = child
+                values[at] = value
+                items[at] = offset + j
+                threshold = values[0]

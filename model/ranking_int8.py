@@ -4,7 +4,7 @@ At 100,000 items the ranking is the serving step's cost, and most of it is the s
 (README, "At scale"). Here the products run on int8 copies of the vectors (`torch._int_mm`, about
 four times the float32 rate on one core, and a quarter of the bytes to read for a small batch),
 and they only choose candidates: each row's best `candidates` items by the int8 scores (the same
-compiled pass as the float ranking, `kernels.merge_top_k_unseen_int`), which are then scored
+compiled pass as the float ranking, keeping a heap: `kernels.heap_top_k_unseen_int`), which are then scored
 again in float32 and ranked. The answer is the float ranking's whenever a bound says so, and the
 float ranking's itself otherwise:
 
@@ -33,10 +33,12 @@ from model import kernels
 # Items per block of int8 products: 256 users x 2,048 items of int32 scores is 2 MiB, close to one
 # core's cache; blocks of 1,024 to 8,192 were within 10% of each other (`ksr bench step --items`).
 INT8_BLOCK_ITEMS = 2048
-# Candidates kept per row for k = 10: at 100,000 random items, 32 certify 85-90% of the rows and 48
-# all but a few in a thousand (the rest are ranked again in float32).
-CANDIDATES_PER_K = 4
-CANDIDATES_MIN = 48
+# Candidates kept per row: 64 for k = 10. Too few and the bound certifies fewer rows, each of the
+# rest ranked again in float32; too many and the heap and the float32 scores cost more. At 100,000
+# items, 64 was the cheapest of 32 to 96 (`ksr bench step --checkpoint runs/synth-1m-ckpt --json`:
+# `rank_int8_by_candidates`).
+CANDIDATES_PER_K = 6
+CANDIDATES_MIN = 64
 # Slack over the bound for float32's own rounding of the exact scores (relative to their size).
 ROUNDING_SLACK = 1e-4
 
@@ -92,8 +94,8 @@ class Int8Catalog:
         best_items = np.zeros((batch, width), dtype=np.int64)
         for number, block in enumerate(self.blocks):
             scores = torch._int_mm(users, block)  # (B, block) int32, fresh: the kernel overwrites it
-            kernels.merge_top_k_unseen_int(scores.numpy(), number * self.block_items, seen_starts,
-                                           seen_items, best, best_items)
+            kernels.heap_top_k_unseen_int(scores.numpy(), number * self.block_items, seen_starts,
+                                          seen_items, best, best_items)
         # The candidates scored again in float32, ranked by score, then lower item first.
         items = torch.from_numpy(best_items)
         kept = torch.from_numpy(best != kernels.INT32_MIN)
@@ -105,7 +107,7 @@ class Int8Catalog:
         top_scores, top_items = torch.gather(exact, 1, order), torch.gather(items, 1, order)
         top_items = top_items.masked_fill(top_scores == float("-inf"), 0)
         # The certificate, in float64 on (B,) values.
-        last = torch.from_numpy(best[:, -1].astype(np.float64))
+        last = torch.from_numpy(best[:, 0].astype(np.float64))  # each heap's smallest
         kth = top_scores[:, -1].double()
         outside_best = (user_scale.squeeze(1).double() * self.scale * last + self.error_bound(users, user_scale)
                         + ROUNDING_SLACK * (1 + kth.abs()))

@@ -85,6 +85,7 @@ class Recommender:
 
             self.int8_catalog = Int8Catalog(self.item_vectors)
         self.ranked_again = 0  # rows the int8 ranking handed back to the float path, since load
+        self.int8_candidates: int | None = None  # candidates per row; None: the int8 ranking's rule
 
     @classmethod
     def load(cls, directory: str | Path, compiled: bool = True, ranking_precision: str = "float32") -> Recommender:
@@ -280,7 +281,8 @@ class Recommender:
         certify are ranked again by `_top_k_compiled`, so every row gets the float ranking's answer."""
         starts = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
-        top_scores, top_items, certified = self.int8_catalog.top_k(user_vectors, starts, cols, k)
+        top_scores, top_items, certified = self.int8_catalog.top_k(
+            user_vectors, starts, cols, k, self.int8_candidates)
         if not certified.all():
             rows = np.flatnonzero(~certified)
             again = [cols[starts[row] : starts[row + 1]] for row in rows]

@@ -24,8 +24,10 @@ def test_bench_step_prints_its_figures() -> None:
     assert figures["score_ms_per_event"] > 0 and figures["score_gflops"] > 0
     assert set(figures["rank_ms_per_event_by_precision"]) == {"1", "16", "512"}
     assert all(set(pair) == {"float32", "int8"} for pair in figures["rank_ms_per_event_by_precision"].values())
-    assert figures["rank_int8_same_items_share"] == 1.0  # the int8 ranking's answers are the float one's
-    assert 0 <= figures["rank_int8_ranked_again_share"] <= 1
+    by_candidates = figures["rank_int8_by_candidates"]
+    assert set(by_candidates) == {"64", "32", "48", "96"}
+    for row in by_candidates.values():  # the int8 ranking's answers are the float one's, however many candidates
+        assert row["same_items_share"] == 1.0 and 0 <= row["ranked_again_share"] <= 1 and row["ms_per_event"] > 0
 
 
 def test_bench_batches_cuts_the_same_events_both_ways(small_checkpoint) -> None:

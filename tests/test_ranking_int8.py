@@ -136,3 +136,24 @@ def test_the_error_bound_holds_where_every_component_rounds_down_by_almost_half_
     error = abs(float(vector.double() @ vector.double()) - approx)
     bound = float(catalog.error_bound(quantized, user_scale)[0])
     assert 0.75 * bound < error <= bound
+
+
+def test_the_heap_kernel_keeps_each_rows_best_unseen_items_block_by_block() -> None:
+    from model import kernels
+
+    rng = np.random.default_rng(0)
+    scores = np.stack([rng.permutation(1000) for _ in range(5)]).astype(np.int32) - 500  # distinct per row
+    seen = [rng.choice(np.arange(1, 1000), 30, replace=False) for _ in range(5)]
+    starts = np.concatenate([[0], np.cumsum([len(s) for s in seen])]).astype(np.int64)
+    cols = np.concatenate(seen).astype(np.int64)
+    heap = np.full((5, 64), kernels.INT32_MIN, dtype=np.int32)
+    heap_items = np.zeros((5, 64), dtype=np.int64)
+    for start in (0, 300, 700):  # three blocks of unequal sizes
+        end = {0: 300, 300: 700, 700: 1000}[start]
+        kernels.heap_top_k_unseen_int(scores[:, start:end].copy(), start, starts, cols, heap, heap_items)
+    for row in range(5):
+        allowed = np.setdiff1d(np.arange(1, 1000), seen[row])
+        expected = allowed[np.argsort(-scores[row, allowed])[:64]]
+        assert set(heap_items[row].tolist()) == set(expected.tolist())
+        assert heap[row, 0] == heap[row].min() == scores[row, expected].min()  # the smallest at the root
+        assert sorted(heap[row].tolist()) == sorted(scores[row, heap_items[row]].tolist())
