@@ -114,18 +114,19 @@ def bench_step(
         }
     result["rank_ms_per_event_by_precision"] = by_precision
     # At the largest batch, by candidates per row: ms per event (the rows not certified ranked again
-    # in float32 included), the share of rows ranked again, and the share whose items are the float
-    # ranking's (1.0 whenever the int8 ranking is right).
+    # included), the shares of rows ranked again and, of all rows, ranked again in float32, and the
+    # share whose items are the float ranking's (1.0 whenever the int8 ranking is right).
     _, float_items = recommender._top_k(vectors, seen_rows, k)
     result["rank_int8_by_candidates"] = {}
     for candidates in (None, 32, 48, 96):
         quantized.int8_candidates = candidates
-        quantized.ranked_again = 0
+        quantized.ranked_again = quantized.ranked_again_float = 0
         _, int8_items = quantized._top_k(vectors, seen_rows, k)
-        again = quantized.ranked_again / largest
+        again, again_float = quantized.ranked_again / largest, quantized.ranked_again_float / largest
         seconds = _median_seconds(lambda: quantized._top_k(vectors, seen_rows, k), repeats)
         result["rank_int8_by_candidates"][str(candidates or quantized.int8_catalog.candidates(k))] = {
             "ms_per_event": round(seconds / largest * 1000, 4), "ranked_again_share": round(again, 4),
+            "ranked_again_float32_share": round(again_float, 4),
             "same_items_share": round(float((float_items == int8_items).all(dim=1).float().mean()), 4),
         }
     quantized.int8_candidates = None

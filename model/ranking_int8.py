@@ -3,10 +3,10 @@
 At 100,000 items the ranking is the serving step's cost, and most of it is the score products
 (README, "At scale"). Here the products run on int8 copies of the vectors (`torch._int_mm`, about
 four times the float32 rate on one core, and a quarter of the bytes to read for a small batch),
-and they only choose candidates: each row's best `candidates` items by the int8 scores (the same
-compiled pass as the float ranking, keeping a heap: `kernels.heap_top_k_unseen_int`), which are then scored
-again in float32 and ranked. The answer is the float ranking's whenever a bound says so, and the
-float ranking's itself otherwise:
+and they only choose candidates: each row's best `candidates` items by the int8 scores (a compiled
+pass like the float ranking's, keeping a heap: `kernels.heap_top_k_unseen_int`), which are scored
+again in float32 and ranked. A bound on the rounding error says when that answer is the float
+ranking's; when it cannot say so, the row is ranked again until it can:
 
 With a per-row scale a for the user vector u and one scale c for the whole item matrix, u = a.u' + du
 and v = c.v' + dv, the int8 vectors u' and v' rounded to the nearest integer, so every component of du
@@ -18,9 +18,10 @@ is at most a/2 and every component of dv at most c/2. The int8 score a.c.(u'.v')
 candidates has an int8 score no higher than the last candidate's, so its exact score is at most
 that plus the bound. When this is below the k-th best exact score among the candidates, no item
 outside them can enter the top-k: the row's answer is exact. A row for which this holds, or whose
-candidates are all of its unseen items, is certified; any other is ranked again by the float path. Of equal scores the lower item index ranks first, as in the
-float ranking; scores are the float32 products of the same vectors, so they can differ from the
-float path's in the last bits (another order of summation).
+candidates are all of its unseen items, is certified; any other is ranked again with four times
+the candidates (`INT8_WIDER`), and if still not certified, by the float path. Of equal scores the
+lower item index ranks first, as in the float ranking; scores are the float32 products of the same
+vectors, so they can differ from the float path's in the last bits (another order of summation).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ INT8_BLOCK_ITEMS = 2048
 # `rank_int8_by_candidates`).
 CANDIDATES_PER_K = 6
 CANDIDATES_MIN = 64
+# Rows not certified are ranked again on int8 products with this many times the candidates, and
+# only those still not certified in float32: a few rows' int8 products cost a fraction of their
+# float32 ranking, which reads the whole float32 item matrix.
+INT8_WIDER = 4
 # Slack over the bound for float32's own rounding of the exact scores (relative to their size).
 ROUNDING_SLACK = 1e-4
 

@@ -84,7 +84,10 @@ class Recommender:
             from model.ranking_int8 import Int8Catalog
 
             self.int8_catalog = Int8Catalog(self.item_vectors)
-        self.ranked_again = 0  # rows the int8 ranking handed back to the float path, since load
+        # Rows the int8 ranking did not certify at first, ranked again (since load), and of them those
+        # ranked again in float32.
+        self.ranked_again = 0
+        self.ranked_again_float = 0
         self.int8_candidates: int | None = None  # candidates per row; None: the int8 ranking's rule
 
     @classmethod
@@ -277,20 +280,34 @@ class Recommender:
     def _top_k_int8(
         self, user_vectors: torch.Tensor, lengths: list[int], cols: np.ndarray, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_top_k` on int8 products (`model/ranking_int8.py`): rows whose answer the bound does not
-        certify are ranked again by `_top_k_compiled`, so every row gets the float ranking's answer."""
+        """`_top_k` on int8 products (`model/ranking_int8.py`). Rows whose answer the bound does not
+        certify are ranked again: on int8 products with `INT8_WIDER` times the candidates (a few rows'
+        products cost little more than one row's), and the rows still not certified by
+        `_top_k_compiled`, so every row gets the float ranking's answer."""
+        from model.ranking_int8 import INT8_WIDER
+
         starts = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
-        top_scores, top_items, certified = self.int8_catalog.top_k(
-            user_vectors, starts, cols, k, self.int8_candidates)
-        if not certified.all():
+        catalog = self.int8_catalog
+        candidates = self.int8_candidates or catalog.candidates(k)
+        top_scores, top_items, certified = catalog.top_k(user_vectors, starts, cols, k, candidates)
+        for wider in (True, False):
+            if certified.all():
+                break
             rows = np.flatnonzero(~certified)
             again = [cols[starts[row] : starts[row + 1]] for row in rows]
-            scores, items = self._top_k_compiled(
-                user_vectors[torch.from_numpy(rows)], [len(a) for a in again],
-                np.concatenate(again) if again else cols[:0], k)
+            again_starts = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(a) for a in again], out=again_starts[1:])
+            again_cols = np.concatenate(again) if again else cols[:0]
+            vectors = user_vectors[torch.from_numpy(rows)]
+            if wider:
+                self.ranked_again += len(rows)
+                scores, items, now = catalog.top_k(vectors, again_starts, again_cols, k, candidates * INT8_WIDER)
+                certified[rows] = now
+            else:
+                self.ranked_again_float += len(rows)
+                scores, items = self._top_k_compiled(vectors, np.diff(again_starts).tolist(), again_cols, k)
             top_scores[torch.from_numpy(rows)], top_items[torch.from_numpy(rows)] = scores, items
-            self.ranked_again += len(rows)
         return top_scores, top_items
 
     def lookup(self, tokens: Sequence[str]) -> list[int]:

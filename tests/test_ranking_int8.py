@@ -37,22 +37,30 @@ def test_the_int8_ranking_gives_the_float_rankings_answers(pair, batch) -> None:
     int8_scores, int8_items = quantized._top_k(users, seen, 10)
     assert torch.equal(int8_items, float_items)
     assert torch.allclose(int8_scores, float_scores, atol=1e-5)
-    assert quantized.ranked_again == 0  # 48 candidates certify every row here
+    assert quantized.ranked_again == 0  # 64 candidates certify every row here
     for row, items in enumerate(int8_items.tolist()):
         assert not set(items) & set(seen[row]) and 0 not in items
 
 
-def test_rows_the_bound_does_not_certify_are_ranked_again_in_float32(pair, monkeypatch) -> None:
+@pytest.mark.parametrize("wider", [4, 1])
+def test_rows_the_bound_does_not_certify_are_ranked_again(pair, monkeypatch, wider) -> None:
     """With as many candidates as answers, the bound can rarely tell that nothing outside them is
-    better: those rows go through the float ranking, and every answer is still the float one."""
+    better: those rows are ranked again with `wider` times the candidates, and those still not
+    certified (all of them when the second pass is no wider) in float32. Every answer is the
+    float ranking's."""
     plain, quantized = pair
     monkeypatch.setattr(ranking_int8, "CANDIDATES_PER_K", 1)
     monkeypatch.setattr(ranking_int8, "CANDIDATES_MIN", 1)
+    monkeypatch.setattr(ranking_int8, "INT8_WIDER", wider)
     users, seen = _users(plain, 40, seed=3)
-    quantized.ranked_again = 0
+    quantized.ranked_again = quantized.ranked_again_float = 0
     int8_scores, int8_items = quantized._top_k(users, seen, 10)
     float_scores, float_items = plain._top_k(users, seen, 10)
     assert quantized.ranked_again > 0
+    if wider == 1:
+        assert quantized.ranked_again_float == quantized.ranked_again
+    else:
+        assert quantized.ranked_again_float < quantized.ranked_again
     assert torch.equal(int8_items, float_items)
     assert torch.allclose(int8_scores, float_scores, atol=1e-5)
 
@@ -110,9 +118,9 @@ def test_a_user_vector_with_nan_is_ranked_by_the_float_path(pair) -> None:
     users, seen = _users(plain, 4, seed=2)
     users[1, 3] = float("nan")
     _, float_items = plain._top_k(users, seen, 10)
-    quantized.ranked_again = 0
+    quantized.ranked_again = quantized.ranked_again_float = 0
     _, int8_items = quantized._top_k(users, seen, 10)
-    assert quantized.ranked_again == 1  # no bound holds for that row; the others are certified
+    assert quantized.ranked_again == quantized.ranked_again_float == 1  # no bound holds for that row
     assert torch.equal(int8_items, float_items)
 
 
