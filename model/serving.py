@@ -29,6 +29,9 @@ RANK_GROUP_ITEMS = 32
 RANK_DIRECT_MAX_BATCH = 16
 # What the ranking's score products run in (`KSR_RANKING_PRECISION`); the answers are the same.
 RANKING_PRECISIONS = ("float32", "int8")
+# One user is ranked in float32 even then: int8 products of one row run far below their rate, and
+# one float32 product over the catalog was as fast or faster (`ksr bench step --items 100000`).
+INT8_MIN_BATCH = 2
 
 
 @dataclass
@@ -212,7 +215,7 @@ class Recommender:
         lengths = [len(s) for s in seen]
         cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
-        if self.int8_catalog is not None:
+        if self.int8_catalog is not None and batch >= INT8_MIN_BATCH:
             return self._top_k_int8(user_vectors, lengths, cols, k)
         if self.compiled:
             return self._top_k_compiled(user_vectors, lengths, cols, k)
