@@ -32,7 +32,7 @@ def _synthetic_recommender(n_items: int, relations: int, seed: int = 0) -> Recom
     ).eval()
     meta = {"model": "ksr", "version": 1, "item_tokens": ["[PAD]"] + [str(i) for i in range(1, n_items)],
             "relation_tokens": [f"r{a}" for a in range(relations)]}
-    return Recommender(Checkpoint(meta, model, None))
+    return Recommender(Checkpoint(meta, model, None), ranking_precision="float32")
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -58,7 +58,9 @@ def bench_step(
 ) -> dict:
     """Events per second of step + top-k per batch size, and the speedup over recomputation."""
     torch.set_num_threads(threads)
-    recommender = Recommender.load(checkpoint) if checkpoint else _synthetic_recommender(n_items, relations)
+    # float32 ranking throughout but where int8 is timed beside it (by default a large catalog gets int8).
+    recommender = (Recommender.load(checkpoint, ranking_precision="float32") if checkpoint
+                   else _synthetic_recommender(n_items, relations))
     catalog = recommender.n_items
     generator = torch.Generator().manual_seed(1)
     result: dict = {"catalog": catalog - 1, "threads": threads, "k": k, "history": history,

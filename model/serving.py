@@ -28,7 +28,10 @@ RANK_GROUP_ITEMS = 32
 # matrix is small, and a block loop's extra steps cost more than they save (`ksr bench step`).
 RANK_DIRECT_MAX_BATCH = 16
 # What the ranking's score products run in (`KSR_RANKING_PRECISION`); the answers are the same.
-RANKING_PRECISIONS = ("float32", "int8")
+# "auto": int8 for catalogs of at least INT8_AUTO_MIN_ITEMS items, where it is the faster (at 16,384
+# items float32 still was, at 32,768 int8 was at batches of 16 and 512: `ksr bench step --items N`).
+RANKING_PRECISIONS = ("auto", "float32", "int8")
+INT8_AUTO_MIN_ITEMS = 32768
 # One user is ranked in float32 even then: int8 products of one row run far below their rate, and
 # one float32 product over the catalog was as fast or faster (`ksr bench step --items 100000`).
 INT8_MIN_BATCH = 2
@@ -43,19 +46,28 @@ class Recommendation:
     explanation: list[dict]
 
 
+def resolve_ranking_precision(setting: str, n_items: int, compiled: bool = True) -> str:
+    """What a ranking precision setting means for a catalog of `n_items` (padding included): "auto"
+    is int8 from INT8_AUTO_MIN_ITEMS items on when the compiled kernels serve, float32 otherwise."""
+    if setting not in RANKING_PRECISIONS:
+        raise ValueError(f"ranking_precision must be one of {', '.join(RANKING_PRECISIONS)}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "int8" if compiled and n_items - 1 >= INT8_AUTO_MIN_ITEMS else "float32"
+
+
 class Recommender:
     """A loaded KSR/GRU4Rec checkpoint, ready to step users and rank the catalog."""
 
     def __init__(
-        self, checkpoint: checkpoints.Checkpoint, compiled: bool = True, ranking_precision: str = "float32"
+        self, checkpoint: checkpoints.Checkpoint, compiled: bool = True, ranking_precision: str = "auto"
     ) -> None:
         """`compiled`: `run` through the compiled recurrence (model/kernels.py); False runs PyTorch's
         own batch forward (the training path, without autograd): the same results, slower.
         `ranking_precision`: "int8" chooses candidates by int8 products and answers exactly as
-        "float32" does (`model/ranking_int8.py`; needs `compiled`)."""
-        if ranking_precision not in RANKING_PRECISIONS:
-            raise ValueError(f"ranking_precision must be one of {', '.join(RANKING_PRECISIONS)}, "
-                             f"got {ranking_precision!r}")
+        "float32" does (`model/ranking_int8.py`; needs `compiled`); "auto", the one that is faster
+        for the catalog's size (`resolve_ranking_precision`). `ranking_setting` keeps what was asked,
+        `ranking_precision` what it became."""
         if ranking_precision == "int8" and not compiled:
             raise ValueError("the int8 ranking runs through the compiled kernels: serve it with compiled=True")
         if checkpoint.model is None:
@@ -63,6 +75,8 @@ class Recommender:
                 f"a {checkpoint.kind} checkpoint has no per-user state to stream: serve a ksr or "
                 "gru4rec checkpoint (`ksr train --model ksr`)"
             )
+        self.ranking_setting = ranking_precision
+        self.ranking_precision = resolve_ranking_precision(ranking_precision, len(checkpoint.item_tokens), compiled)
         self.checkpoint = checkpoint
         self.model: KSR = checkpoint.model.eval()
         self.version = checkpoint.version
@@ -81,9 +95,8 @@ class Recommender:
             kernels.warm()  # the worker's batch path (`run`) compiled before the first batch
         self.rank_block_items = RANK_BLOCK_ITEMS
         self.rank_direct_max_batch = RANK_DIRECT_MAX_BATCH
-        self.ranking_precision = ranking_precision
         self.int8_catalog = None
-        if ranking_precision == "int8":
+        if self.ranking_precision == "int8":
             from model.ranking_int8 import Int8Catalog
 
             self.int8_catalog = Int8Catalog(self.item_vectors)
@@ -94,7 +107,7 @@ class Recommender:
         self.int8_candidates: int | None = None  # candidates per row; None: the int8 ranking's rule
 
     @classmethod
-    def load(cls, directory: str | Path, compiled: bool = True, ranking_precision: str = "float32") -> Recommender:
+    def load(cls, directory: str | Path, compiled: bool = True, ranking_precision: str = "auto") -> Recommender:
         """Load a checkpoint folder (raises CheckpointError with what to fix)."""
         return cls(checkpoints.load(directory), compiled, ranking_precision)
 

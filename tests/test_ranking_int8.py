@@ -128,8 +128,24 @@ def test_the_int8_ranking_needs_the_compiled_kernels_and_a_known_precision(pair)
     plain, _ = pair
     with pytest.raises(ValueError, match="compiled"):
         Recommender(plain.checkpoint, compiled=False, ranking_precision="int8")
-    with pytest.raises(ValueError, match="float32, int8"):
+    with pytest.raises(ValueError, match="auto, float32, int8"):
         Recommender(plain.checkpoint, ranking_precision="int4")
+
+
+def test_auto_ranks_in_int8_from_32768_items_and_only_through_the_compiled_kernels(pair) -> None:
+    from model.serving import INT8_AUTO_MIN_ITEMS, resolve_ranking_precision
+
+    assert INT8_AUTO_MIN_ITEMS == 32768
+    assert resolve_ranking_precision("auto", 32768 + 1) == "int8"  # padding included
+    assert resolve_ranking_precision("auto", 32767 + 1) == "float32"
+    assert resolve_ranking_precision("auto", 100001, compiled=False) == "float32"
+    assert resolve_ranking_precision("float32", 100001) == "float32"
+    assert resolve_ranking_precision("int8", 1683) == "int8"
+    plain, _ = pair  # 5,000 items
+    served = Recommender(plain.checkpoint)
+    assert (served.ranking_setting, served.ranking_precision, served.int8_catalog) == ("auto", "float32", None)
+    large = Recommender(_synthetic_recommender(INT8_AUTO_MIN_ITEMS + 1, 3).checkpoint)
+    assert large.ranking_precision == "int8" and large.int8_catalog is not None
 
 
 def test_the_error_bound_holds_where_every_component_rounds_down_by_almost_half_a_step() -> None:

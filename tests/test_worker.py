@@ -275,7 +275,7 @@ def test_the_other_delivery_and_serving_paths_give_the_same_answers(
 
 
 @pytest.mark.parametrize(("environment", "message"), [
-    ({"KSR_RANKING_PRECISION": "int4"}, "KSR_RANKING_PRECISION must be one of float32, int8"),
+    ({"KSR_RANKING_PRECISION": "int4"}, "KSR_RANKING_PRECISION must be one of auto, float32, int8"),
     ({"KSR_RANKING_PRECISION": "int8", "KSR_SERVING_KERNEL": "torch"}, "runs through the compiled kernels"),
 ])
 def test_a_ranking_precision_the_worker_cannot_serve_is_refused(monkeypatch, environment, message) -> None:

@@ -591,7 +591,7 @@ class Worker:
                     # Served as the current model is (KSR_SERVING_KERNEL, KSR_RANKING_PRECISION).
                     serving = self.processor.recommender
                     recommender = await asyncio.to_thread(
-                        Recommender.load, path, serving.compiled, serving.ranking_precision)
+                        Recommender.load, path, serving.compiled, serving.ranking_setting)
                 except Exception as error:  # noqa: BLE001 - whatever fails, the current model keeps serving
                     if not isinstance(error, CheckpointError):
                         error = f"{type(error).__name__}: {error}"

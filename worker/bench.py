@@ -513,6 +513,7 @@ def bench_throughput(
     the worker stopped (RocksDB flushed and closed), its state folder's bytes per user.
     """
     from model.data import load
+    from model.serving import resolve_ranking_precision
 
     require_at_least_one(workers=workers, partitions=partitions, events=events, latency_events=latency_events)
     base = Settings.from_env()
@@ -631,7 +632,10 @@ def bench_throughput(
         "output_bytes": len(reply),
         "processing_guarantee": env.get("KSR_PROCESSING_GUARANTEE", base.processing_guarantee),
         "state_precision": env.get("KSR_STATE_PRECISION", base.state_precision),
-        "ranking_precision": env.get("KSR_RANKING_PRECISION", base.ranking_precision),
+        # What the worker ranked in: KSR_RANKING_PRECISION, "auto" resolved for this catalog.
+        "ranking_precision": resolve_ranking_precision(
+            env.get("KSR_RANKING_PRECISION", base.ranking_precision), dataset.n_items,
+            env.get("KSR_SERVING_KERNEL", base.serving_kernel) == "compiled"),
         # Of the drained events' answers, the share the int8 ranking did not certify (0 in float32).
         "ranked_again_share": _ranked_again_share(samples),
         "users": users,

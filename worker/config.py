@@ -137,7 +137,7 @@ class Settings:
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             serving_kernel=_choice("KSR_SERVING_KERNEL", "compiled", ("compiled", "torch")),
-            ranking_precision=_choice("KSR_RANKING_PRECISION", "float32", ("float32", "int8")),
+            ranking_precision=_choice("KSR_RANKING_PRECISION", "auto", ("auto", "float32", "int8")),
             torch_threads=_positive_int("KSR_TORCH_THREADS", 1),
             kafka_security=kafka_security_from_env(),
         )
