@@ -102,7 +102,7 @@ def bench_step(
 
     # The ranking on int8 products (KSR_RANKING_PRECISION=int8) beside the float32 one, on the same
     # users (the model's vectors after 20 random events) and seen items, at three batch sizes: ms per
-    # event, the int8 time including the rows the bound did not certify, ranked again in float32.
+    # event, the int8 time including the rows the bound did not certify, ranked again.
     quantized = Recommender(recommender.checkpoint, compiled=True, ranking_precision="int8")
     by_precision = {}
     for batch in sorted({1, 16, largest}):

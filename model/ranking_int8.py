@@ -82,13 +82,14 @@ class Int8Catalog:
 
     def top_k(
         self, user_vectors: torch.Tensor, seen_starts: np.ndarray, seen_items: np.ndarray, k: int,
-        candidates: int | None = None,
+        candidates: int,
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Each row's top-k (scores (B, k) float32, items (B, k)) among its unseen items, and which
         rows are certified exact (B,) bool. Rows not certified hold the candidates' best, to be
-        ranked again by the caller. Seen items: row b's are seen_items[seen_starts[b]:seen_starts[b + 1]]."""
+        ranked again by the caller. Seen items: row b's are seen_items[seen_starts[b]:seen_starts[b + 1]].
+        `candidates`: kept per row (`candidates(k)` is the rule; at least k are kept)."""
         batch = user_vectors.shape[0]
-        width = max(candidates or self.candidates(k), k)
+        width = max(candidates, k)
         # A row with NaN or inf has no bound: it is ranked on zeros here, left uncertified, and the
         # caller's float path ranks it as it ranks any such row.
         finite = torch.isfinite(user_vectors).all(dim=1)

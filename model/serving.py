@@ -48,9 +48,12 @@ class Recommendation:
 
 def resolve_ranking_precision(setting: str, n_items: int, compiled: bool = True) -> str:
     """What a ranking precision setting means for a catalog of `n_items` (padding included): "auto"
-    is int8 from INT8_AUTO_MIN_ITEMS items on when the compiled kernels serve, float32 otherwise."""
+    is int8 from INT8_AUTO_MIN_ITEMS items on when the compiled kernels serve, float32 otherwise.
+    Raises ValueError for an unknown setting, or int8 without the compiled kernels."""
     if setting not in RANKING_PRECISIONS:
         raise ValueError(f"ranking_precision must be one of {', '.join(RANKING_PRECISIONS)}, got {setting!r}")
+    if setting == "int8" and not compiled:
+        raise ValueError("the int8 ranking runs through the compiled kernels: serve it with compiled=True")
     if setting != "auto":
         return setting
     return "int8" if compiled and n_items - 1 >= INT8_AUTO_MIN_ITEMS else "float32"
@@ -68,8 +71,6 @@ class Recommender:
         "float32" does (`model/ranking_int8.py`; needs `compiled`); "auto", the one that is faster
         for the catalog's size (`resolve_ranking_precision`). `ranking_setting` keeps what was asked,
         `ranking_precision` what it became."""
-        if ranking_precision == "int8" and not compiled:
-            raise ValueError("the int8 ranking runs through the compiled kernels: serve it with compiled=True")
         if checkpoint.model is None:
             raise checkpoints.CheckpointError(
                 f"a {checkpoint.kind} checkpoint has no per-user state to stream: serve a ksr or "
@@ -100,8 +101,8 @@ class Recommender:
             from model.ranking_int8 import Int8Catalog
 
             self.int8_catalog = Int8Catalog(self.item_vectors)
-        # Rows the int8 ranking did not certify at first, ranked again (since load), and of them those
-        # ranked again in float32.
+        # Rows the int8 ranking did not certify at first, ranked again (since load: with wider int8
+        # candidates, and if need be in float32), and of them those ranked again in float32.
         self.ranked_again = 0
         self.ranked_again_float = 0
         self.int8_candidates: int | None = None  # candidates per row; None: the int8 ranking's rule
@@ -228,10 +229,12 @@ class Recommender:
         lengths = [len(s) for s in seen]
         cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
-        if self.int8_catalog is not None and batch >= INT8_MIN_BATCH:
-            return self._top_k_int8(user_vectors, lengths, cols, k)
         if self.compiled:
-            return self._top_k_compiled(user_vectors, lengths, cols, k)
+            starts = np.zeros(batch + 1, dtype=np.int64)  # row b's seen items: cols[starts[b]:starts[b + 1]]
+            np.cumsum(lengths, out=starts[1:])
+            if self.int8_catalog is not None and batch >= INT8_MIN_BATCH:
+                return self._top_k_int8(user_vectors, starts, cols, k)
+            return self._top_k_compiled(user_vectors, starts, cols, k)
         if n <= self.rank_block_items or batch <= self.rank_direct_max_batch:
             scores = user_vectors @ self.item_vectors.T  # (B, N)
             rows = torch.from_numpy(np.repeat(np.arange(batch), lengths))
@@ -271,7 +274,7 @@ class Recommender:
         return top_scores, torch.gather(candidates, 1, picked)
 
     def _top_k_compiled(
-        self, user_vectors: torch.Tensor, lengths: list[int], cols: np.ndarray, k: int
+        self, user_vectors: torch.Tensor, starts: np.ndarray, cols: np.ndarray, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_top_k` through the ranking kernel: the catalog scored `rank_block_items` at a time
         (ml-100k's in one block; for at most `rank_direct_max_batch` users, the whole catalog in
@@ -282,8 +285,6 @@ class Recommender:
         from model import kernels
 
         batch = user_vectors.shape[0]
-        starts = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
         top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
         top_items = np.zeros((batch, k), dtype=np.int64)
         # A few users' scores against the whole catalog are small: one product, one pass.
@@ -294,7 +295,7 @@ class Recommender:
         return torch.from_numpy(top_scores), torch.from_numpy(top_items)
 
     def _top_k_int8(
-        self, user_vectors: torch.Tensor, lengths: list[int], cols: np.ndarray, k: int
+        self, user_vectors: torch.Tensor, starts: np.ndarray, cols: np.ndarray, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_top_k` on int8 products (`model/ranking_int8.py`). Rows whose answer the bound does not
         certify are ranked again: on int8 products with `INT8_WIDER` times the candidates (a few rows'
@@ -302,8 +303,6 @@ class Recommender:
         `_top_k_compiled`, so every row gets the float ranking's answer."""
         from model.ranking_int8 import INT8_WIDER
 
-        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
         catalog = self.int8_catalog
         candidates = self.int8_candidates or catalog.candidates(k)
         top_scores, top_items, certified = catalog.top_k(user_vectors, starts, cols, k, candidates)
@@ -322,7 +321,7 @@ class Recommender:
                 certified[rows] = now
             else:
                 self.ranked_again_float += len(rows)
-                scores, items = self._top_k_compiled(vectors, np.diff(again_starts).tolist(), again_cols, k)
+                scores, items = self._top_k_compiled(vectors, again_starts, again_cols, k)
             top_scores[torch.from_numpy(rows)], top_items[torch.from_numpy(rows)] = scores, items
         return top_scores, top_items
 

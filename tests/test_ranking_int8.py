@@ -74,7 +74,7 @@ def test_items_that_int8_cannot_tell_apart_are_never_certified_wrong() -> None:
     catalog = Int8Catalog(items)
     users = torch.randn(6, 16, generator=generator)
     starts, cols = np.zeros(7, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    _, top, certified = catalog.top_k(users, starts, cols, 10)
+    _, top, certified = catalog.top_k(users, starts, cols, 10, catalog.candidates(10))
     exact = users @ items.T
     exact[:, 0] = float("-inf")
     expected = torch.topk(exact, 10, dim=1).indices

@@ -410,7 +410,7 @@ def _agent_ms_per_event(samples: list[tuple], count: int) -> dict[str, float] | 
 
 
 def _ranked_again_share(samples: list[tuple]) -> float | None:
-    """Answers ranked again in float32 (`ksr_ranked_again`) per answer over the whole drain."""
+    """Answers the int8 ranking ranked again (`ksr_ranked_again`) per answer over the whole drain."""
     answered, again = samples[-1][0], samples[-1][7].get("ranked_again")
     return None if again is None or not answered else round(again / answered, 6)
 

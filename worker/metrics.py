@@ -71,8 +71,8 @@ MODEL_VERSION = Gauge("ksr_model_version", "Version of the model being served")
 USERS_IN_STATE = Gauge("ksr_users_in_state", "Users with state in this worker's partitions (estimate)")
 RECOMPUTED_USERS = Counter("ksr_recomputed_users", "Users whose state was recomputed after a model swap")
 RANKED_AGAIN = Counter(
-    "ksr_ranked_again", "Answers the int8 ranking could not certify and ranked again in float32 "
-    "(KSR_RANKING_PRECISION=int8)"
+    "ksr_ranked_again", "Answers whose int8 candidates the bound could not certify, ranked again "
+    "(with more int8 candidates, then in float32 if need be; KSR_RANKING_PRECISION int8 or auto)"
 )
 SKIPPED_EVENTS = Counter(
     "ksr_skipped_deliveries", "Deliveries not processed: redelivered (already processed) or from before a rebalance",

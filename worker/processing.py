@@ -167,7 +167,7 @@ class BatchResult:
     answered_duplicates: int = 0  # of the duplicates, those answered again (at-least-once)
     new_users: int = 0
     recomputed_users: int = 0
-    ranked_again: int = 0  # answers the int8 ranking did not certify, ranked again in float32
+    ranked_again: int = 0  # answers the int8 ranking did not certify at first, ranked again
     rounds: int = 0  # sequential model steps: the most events any one user had in the batch
     step_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # event timestamp -> emit, seconds
