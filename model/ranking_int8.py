@@ -2,7 +2,8 @@
 
 At 100,000 items the ranking is the serving step's cost, and most of it is the score products
 (README, "At scale"). Here the products run on int8 copies of the vectors (`torch._int_mm`, about
-four times the float32 rate on one core, and a quarter of the bytes to read for a small batch),
+four times the float32 rate on one core in a script not in the repo, docs/speed.md; and a quarter
+of the bytes to read for a small batch),
 and they only choose candidates: each row's best `candidates` items by the int8 scores (a compiled
 pass like the float ranking's, keeping a heap: `kernels.heap_top_k_unseen_int`), which are scored
 again in float32 and ranked. A bound on the rounding error says when that answer is the float
@@ -32,7 +33,8 @@ import torch
 from model import kernels
 
 # Items per block of int8 products: 256 users x 2,048 items of int32 scores is 2 MiB, close to one
-# core's cache; blocks of 1,024 to 8,192 were within 10% of each other (`ksr bench step --items`).
+# core's cache. In a script not in the repo (indicative), 1,024 and 2,048 were the fastest of 1,024
+# to 8,192 at 100,000 items; 8,192 was up to 18% slower.
 INT8_BLOCK_ITEMS = 2048
 # Candidates kept per row: 64 for k = 10. Too few and the bound certifies fewer rows, each of the
 # rest ranked again in float32; too many and the heap and the float32 scores cost more. At 100,000
