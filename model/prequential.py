@@ -132,8 +132,13 @@ def _fit(
     label: str,
     progress: bool,
 ) -> KSR:
-    """`epochs` passes of `model.train.train_epoch` with a fresh Adam; returns the model in eval mode."""
+    """`epochs` passes of `model.train.train_epoch` with a fresh Adam; returns the model in eval mode.
+
+    With `config.ema` > 0 (a checkpoint trained with `--ema`) it returns the weights' moving
+    average, as `ksr train` keeps and saves it, started from `model`'s weights.
+    """
     training.seed_everything(seed)
+    averaged = copy.deepcopy(model) if config.ema > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = random.Random(seed)
     negative_weights = training.item_popularity(sequences, model.config.n_items)
@@ -142,13 +147,13 @@ def _fit(
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         with torch.enable_grad():  # fine-tunes are called from inside the no-grad stream loop
-            loss = training.train_epoch(model, optimizer, sequences, config, generator, negative_weights)
+            loss = training.train_epoch(model, optimizer, sequences, config, generator, negative_weights, averaged)
         _log(
             f"stream: {label} epoch {epoch}/{epochs} on {events} events: loss {loss:.4f} "
             f"{time.perf_counter() - started:.1f}s",
             progress,
         )
-    return model.eval()
+    return (averaged if averaged is not None else model).eval()
 
 
 def train_prefix_model(

@@ -234,3 +234,24 @@ def test_the_command_line_sets_the_prefix_epochs(toy) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True,
     )
     assert json.loads(result.stdout)["train_epochs"] == 2
+
+
+def test_fine_tuning_a_checkpoint_trained_with_ema_returns_the_weights_average(toy) -> None:
+    """`ksr train --ema` keeps and saves the weights' moving average; the stream protocol's
+    training and fine-tunes return it too. The raw weights train as without it."""
+    import copy
+    import dataclasses
+
+    dataset, loaded, _ = toy
+    config, _, _ = prequential.checkpoint_settings(loaded)
+    sequences = prequential.sequences_until(dataset, 60)
+    plain = prequential._fit(copy.deepcopy(loaded.model), sequences, config, 2, 3, "plain", False)
+    raw = copy.deepcopy(loaded.model)
+    averaged = prequential._fit(raw, sequences, dataclasses.replace(config, ema=0.5), 2, 3, "ema", False)
+    assert averaged is not raw
+    for name, weight in plain.state_dict().items():
+        assert torch.equal(raw.state_dict()[name], weight), name  # the same training
+    changed = [name for name, _ in plain.named_parameters()
+               if not torch.allclose(averaged.state_dict()[name], plain.state_dict()[name])]
+    assert changed, "the average must differ from the last weights"
+    assert not averaged.training
