@@ -134,3 +134,49 @@ def test_recovery_end_is_the_last_committed_record_not_the_commit_marker(bootstr
     ends, last = asyncio.run(scenario())
     assert ends[TP(topic, 0)] == 4 and ends[TP(topic, 1)] == 6, ends
     assert last == {TP(topic, 0): 2, TP(topic, 1): 0, TP(topic, 2): None}
+
+
+@pytest.mark.broker
+def test_asking_about_partitions_in_turn_leaves_the_committed_offsets_readable(bootstrap) -> None:
+    """The progress watchdog asks about every assigned partition in turn. When the range reads
+    and the committed offsets shared one consumer with the group id, reassigning it between two
+    steps of aiokafka's coordinator task killed that task ("Unexpected error in coordinator
+    routine"), and every later question to that consumer failed: the watchdog took that for a
+    broker that cannot tell, and let a stalled worker be (one run of its reliability test)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    topic = f"ledger-turns-{uuid.uuid4().hex[:8]}"
+    group = f"{topic}-group"
+
+    async def scenario() -> dict:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for n in range(6):
+                await producer.send_and_wait(topic, b"x%d" % n, partition=n % 2)
+        finally:
+            await producer.stop()
+        committer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await committer.start()
+        try:
+            committer.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+            await committer.commit({TopicPartition(topic, 0): 1, TopicPartition(topic, 1): 2})
+        finally:
+            await committer.stop()
+        offsets = BrokerOffsets(bootstrap, group, {})
+        tps = [TP(topic, 0), TP(topic, 1)]
+        try:
+            answers = []
+            for _ in range(5):  # as the watchdog asks when it knows where the worker stands
+                ends = await asyncio.wait_for(offsets.end_offsets(tps), 10)
+                for tp in tps:
+                    answers.append((tp.partition, ends[tp],
+                                    await offsets.consumable_between(tp, 0, ends[tp], timeout=10, unknown=None)))
+            committed = [await asyncio.wait_for(offsets.committed(tp), 10) for tp in tps]
+            return {"answers": answers, "committed": committed}
+        finally:
+            await offsets.stop()
+
+    result = asyncio.run(scenario())
+    assert result["answers"] == [(0, 3, True), (1, 3, True)] * 5, result
+    assert result["committed"] == [1, 2]

@@ -84,49 +84,72 @@ class OffsetLedger:
 
 
 class BrokerOffsets:
-    """What the broker says about the input: committed offsets and whether a range holds records.
+    """What the broker says about the input: committed offsets, ends, and whether a range holds
+    records.
 
-    One aiokafka consumer, created on first use, with the app's group id so that it can read the
-    group's committed offsets; it never subscribes (so it never joins the group) and never commits.
-    It reads with read_committed, as the worker does.
+    Two aiokafka consumers, each created on first use. One has the app's group id, to read the
+    group's committed offsets; it never subscribes nor is assigned partitions (so it never joins
+    the group) and never commits. The other has no group and reads: it is assigned one partition
+    at a time and seeks. With a group id, assigning partitions again while aiokafka's coordinator
+    task was between two steps failed that task's assertion ("Unexpected error in coordinator
+    routine"), and every later question to that consumer failed (asking about two partitions in
+    a row was enough: tests/test_ledger.py). Both read with read_committed, as the worker does.
     """
 
     def __init__(self, bootstrap_servers: str, group_id: str, security: dict) -> None:
         self.bootstrap_servers, self.group_id, self.security = bootstrap_servers, group_id, security
-        self._consumer = None
+        self._group = None
+        self._reader = None
 
-    async def _get(self):
-        if self._consumer is None:
-            from aiokafka import AIOKafkaConsumer
+    async def _consumer(self, group_id: str | None):
+        from aiokafka import AIOKafkaConsumer
 
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers, group_id=self.group_id, enable_auto_commit=False,
-                isolation_level="read_committed", auto_offset_reset="earliest", **self.security,
-            )
-            await consumer.start()
-            self._consumer = consumer
-        return self._consumer
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+            isolation_level="read_committed", auto_offset_reset="earliest", **self.security,
+        )
+        await consumer.start()
+        return consumer
+
+    async def _get_group(self):
+        if self._group is None:
+            self._group = await self._consumer(self.group_id)
+        return self._group
+
+    async def _get_reader(self):
+        if self._reader is None:
+            self._reader = await self._consumer(None)
+        return self._reader
 
     async def committed(self, tp: TP) -> int:
         """Where a rebalance's seek puts `tp`: its committed offset, else the start of its log."""
         from aiokafka import TopicPartition
 
-        consumer = await self._get()
         partition = TopicPartition(tp.topic, tp.partition)
-        offset = await consumer.committed(partition)
+        offset = await (await self._get_group()).committed(partition)
         if offset is None:
-            offset = (await consumer.beginning_offsets([partition]))[partition]
+            offset = (await (await self._get_reader()).beginning_offsets([partition]))[partition]
         return int(offset)
 
-    async def consumable_between(self, tp: TP, start: int, end: int, timeout: float = 15.0) -> bool:
+    async def end_offsets(self, tps) -> dict[TP, int]:
+        """Each partition's end as a read_committed reader sees it (its last stable offset)."""
+        from aiokafka import TopicPartition
+
+        keys = {TopicPartition(tp.topic, tp.partition): tp for tp in tps}
+        ends = await (await self._get_reader()).end_offsets(list(keys))
+        return {keys[ktp]: int(end) for ktp, end in ends.items()}
+
+    async def consumable_between(self, tp: TP, start: int, end: int, timeout: float = 15.0,
+                                 unknown: bool = True) -> bool:
         """Whether `tp` holds a committed record at an offset in [start, end).
 
         Offsets without one (transaction markers, aborted or compacted records) make a legitimate
-        jump. If the broker cannot tell within `timeout`, the answer is yes: a restart is safe.
+        jump. If the broker cannot tell within `timeout`, the answer is `unknown` (by default yes:
+        a restart is safe).
         """
         from aiokafka import TopicPartition
 
-        consumer = await self._get()
+        consumer = await self._get_reader()
         partition = TopicPartition(tp.topic, tp.partition)
         consumer.assign([partition])
         consumer.seek(partition, start)
@@ -138,12 +161,14 @@ class BrokerOffsets:
                 return record.offset < end
             if await consumer.position(partition) >= end:
                 return False
-        return True
+        return unknown
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+        for name in ("_group", "_reader"):
+            consumer = getattr(self, name)
+            if consumer is not None:
+                setattr(self, name, None)
+                await consumer.stop()
 
 
 async def last_records(bootstrap_servers: str, security: dict, ends: Mapping, window: int = 64,
