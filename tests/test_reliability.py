@@ -127,3 +127,24 @@ def test_hostile_payloads_are_each_answered_or_dead_lettered(bootstrap, small_ch
     assert result["answered"] == result["valid"] > 0
     assert result["dead_lettered"] == 2000 - result["valid"]
     assert {"not_json", "oversized", "bad_ts", "unknown_item"} <= set(result["dead_letter_reasons"])
+
+
+
+def test_a_worker_that_stops_taking_events_restarts_by_itself_and_loses_nothing(
+        bootstrap, small_checkpoint) -> None:
+    """A worker whose fetch path stops handing events to the agent keeps its group membership and
+    its partitions: nothing else would ever take its events (one CI run saw a worker so for five
+    minutes after a broker outage). tests/stall_fault makes the first worker process drop every
+    event after its 300th (with the watchdog off, 900 of 1,200 events stayed unanswered: see
+    docs/reliability.md); with KSR_STALL_TIMEOUT_S=10 the progress watchdog finds the input ahead
+    of what was processed, logs where it stands, and restarts it. The restarted process (no fault)
+    answers the rest: every event once."""
+    result = faults.stalled_delivery(bootstrap, str(small_checkpoint), events=1200, rate=300, stall_after=300,
+                                     stall_timeout_s=10)
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["stall_restarts"] == 1 and result["worker_restarts"] == 1, result
+    report = result["stall_report"]
+    assert report.startswith("the worker has taken no event in 10 s while its input holds events it has not "
+                             "processed (t"), report
+    # Where the input stands, then the fetch path: nothing queued, nothing paused.
+    assert ".interactions[" in report and " at offset " in report and "queued for the agent: 0; Faust's paused partitions: []" in report

@@ -231,6 +231,8 @@ class Worker:
         self.app.timer(10.0)(self._sample_gauges)
         self.app.timer(30.0)(self._release_free_memory)
         self.app.task(self._watch_model_updates)
+        self.app.task(self._watch_progress)
+        self.batches_taken = 0  # by the agent; what the progress watchdog counts
         self.pending: Recommender | None = None
         # Interactions handed from the fetch loop to the agent in whole fetches (worker.delivery);
         # None with KSR_FAST_DELIVERY=0 (Faust's stream delivers them one at a time).
@@ -272,6 +274,7 @@ class Worker:
             waiting = time.perf_counter()
             async for messages, acknowledge in batches:
                 idle.inc(time.perf_counter() - waiting)
+                self.batches_taken += 1
                 await self._batch(messages, acknowledge)
                 waiting = time.perf_counter()
                 if not remaining() or 2 * len(messages) <= self.settings.batch_size:  # see _commit_when_idle
@@ -313,6 +316,56 @@ class Worker:
     async def _watch_start(self) -> None:
         """Restart the worker when its start stalls (KSR_START_TIMEOUT_S): see watch_start."""
         await watch_start(self.app.tables.recovery, self.settings.start_timeout_s)
+
+    async def _watch_progress(self) -> None:
+        """Restart the worker when its input holds events it is not processing
+        (KSR_STALL_TIMEOUT_S): see watch_progress. Started by Faust after the first recovery."""
+        # Its own client: the agent's (self.offsets) seeks its consumer in _admit.
+        probe = BrokerOffsets(self.settings.bootstrap_servers, self.settings.app_id,
+                              aiokafka_security(self.settings))
+        try:
+            await watch_progress(lambda: self.batches_taken, self._cannot_progress,
+                                 lambda: self._unprocessed_input(probe), self._progress_report,
+                                 self.settings.stall_timeout_s)
+        finally:
+            await probe.stop()
+
+    def _cannot_progress(self) -> bool:
+        """A rebalance or a table recovery is under way: the agent is not meant to take events."""
+        app = self.app
+        return bool(app.rebalancing or getattr(app, "in_recovery", False) or not app.flow_control.is_active())
+
+    async def _unprocessed_input(self, probe: BrokerOffsets) -> dict:
+        """Per assigned input partition with committed records this worker has not processed:
+        (the next offset to process, the partition's end). Asks the broker."""
+        topic = self.settings.interactions_topic
+        tps = sorted(tp for tp in self.app.consumer.assignment() if tp.topic == topic)
+        if not tps:
+            return {}
+        ends = await probe.end_offsets(tps)
+        generation = self.app.consumer_generation_id
+        behind = {}
+        for tp in tps:
+            start = self.ledger.expected(tp) if self.ledger.knows(tp, generation) else await probe.committed(tp)
+            end = ends.get(tp)
+            if end is not None and end > start and await probe.consumable_between(tp, start, end, unknown=False):
+                behind[tp] = (start, end)
+        return behind
+
+    def _progress_report(self) -> str:
+        """What a stalled worker's fetch path looks like, for its log."""
+        consumer, topic = self.app.consumer, self.settings.interactions_topic
+
+        def partitions(tps) -> list[int]:
+            return sorted(tp.partition for tp in (tps or ()) if tp.topic == topic)
+
+        read = getattr(consumer, "_read_offset", {}) or {}
+        queued = self.delivery.queued if self.delivery is not None else "n/a (KSR_FAST_DELIVERY=0)"
+        return (f"queued for the agent: {queued}; Faust's paused partitions: "
+                f"{partitions(getattr(consumer, '_paused_partitions', None))}, active: "
+                f"{partitions(getattr(consumer, '_active_partitions', None))}; last read offsets: "
+                f"{ {tp.partition: read[tp] for tp in sorted(read) if tp.topic == topic} }; "
+                f"flow {'active' if self.app.flow_control.is_active() else 'suspended'}")
 
     async def _direct_batches(self):
         """Direct delivery's batches (worker.delivery), as (messages, acknowledge) pairs."""
@@ -1039,6 +1092,55 @@ def start_stuck(timeout: float) -> None:
     restart_with_every_tasks_stack(
         f"the worker has not started in {timeout:g} s, with nothing restored meanwhile (KSR_START_TIMEOUT_S)",
         "start stuck")
+
+
+async def watch_progress(progress, cannot_progress, behind, report, timeout: float,
+                         interval: float = 5.0, probe_timeout: float = 30.0) -> None:
+    """Exit for a restart when the input holds events this worker has not processed and it has
+    taken none of them for `timeout` seconds.
+
+    `progress()` counts the agent's batches; `cannot_progress()` is true during a rebalance or a
+    recovery; `behind()` asks the broker which assigned partitions hold committed records past
+    what this worker has processed ({tp: (next offset, end)}); `report()` describes the fetch path
+    for the log. One CI run saw a restarted worker answer one batch after a broker outage and then
+    nothing for five minutes, with its partitions assigned, nothing logged and no commit waiting
+    (so the commit watchdog had nothing to see); a consumer group keeps such a member and its
+    partitions for good. The clock starts when the broker first shows unprocessed events with no
+    batch taken since the last check; a broker that cannot tell (down, hung) stops it, since an
+    outage is waited out, not restarted from.
+    """
+    loop = asyncio.get_running_loop()
+    seen, stalled_since = progress(), None
+    while True:
+        await asyncio.sleep(interval)
+        if progress() != seen or cannot_progress():
+            seen, stalled_since = progress(), None
+            continue
+        try:
+            lagging = await asyncio.wait_for(behind(), probe_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001  (the broker could not tell: not a stall)
+            log.debug("progress watchdog: the broker did not say where the input ends (%r)", error)
+            lagging = None
+        if progress() != seen or cannot_progress() or not lagging:
+            seen, stalled_since = progress(), None
+            continue
+        if stalled_since is None:
+            stalled_since = loop.time()
+        elif loop.time() - stalled_since >= timeout:
+            progress_stuck(timeout, lagging, report())
+            return
+
+
+def progress_stuck(timeout: float, lagging: dict, report: str) -> None:
+    """The agent has taken no event in KSR_STALL_TIMEOUT_S while its input holds some: log where
+    the input stands, the fetch path and where every task waits, then restart."""
+    where = ", ".join(f"{tp.topic}[{tp.partition}] at offset {start} of {end}"
+                      for tp, (start, end) in sorted(lagging.items()))
+    restart_with_every_tasks_stack(
+        f"the worker has taken no event in {timeout:g} s while its input holds events it has not "
+        f"processed ({where}; {report}) (KSR_STALL_TIMEOUT_S)", "processing stalled")
 
 
 def commit_stuck(timeout: float) -> None:

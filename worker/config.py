@@ -94,6 +94,7 @@ class Settings:
     commit_timeout_s: float
     txn_retry_backoff_ms: int
     start_timeout_s: float
+    stall_timeout_s: float
     session_timeout_s: float
     state_precision: str
     serving_kernel: str
@@ -134,6 +135,7 @@ class Settings:
             commit_timeout_s=_positive_float("KSR_COMMIT_TIMEOUT_S", 120.0),
             txn_retry_backoff_ms=_positive_int("KSR_TXN_RETRY_BACKOFF_MS", 5),
             start_timeout_s=_positive_float("KSR_START_TIMEOUT_S", 120.0),
+            stall_timeout_s=_positive_float("KSR_STALL_TIMEOUT_S", 60.0),
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
             state_precision=_choice("KSR_STATE_PRECISION", "float32", ("float32", "float16", "int8")),
             serving_kernel=_choice("KSR_SERVING_KERNEL", "compiled", ("compiled", "torch")),

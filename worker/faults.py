@@ -1,4 +1,5 @@
-"""Fault scenarios on the real broker: a crashed worker, a broker outage, a lost worker in a group.
+"""Fault scenarios on the real broker: a crashed worker, a broker outage, a lost worker in a group,
+a worker that stops taking events.
 
 Each scenario streams real ml-100k events at a steady rate through `ksr worker` processes, breaks
 something mid-stream, and reads every recommendation back with a read_committed consumer. It
@@ -435,6 +436,40 @@ def scale_out(bootstrap: str, checkpoint: str, events: int = 4000, rate: float =
     return result
 
 
+STALL_FAULT = REPO_ROOT / "tests" / "stall_fault"  # a sitecustomize module: see its docstring
+
+
+def stalled_delivery(bootstrap: str, checkpoint: str, events: int = 1200, rate: float = 300.0,
+                     stall_after: int = 300, stall_timeout_s: float = 10.0, timeout: float = 240.0) -> dict:
+    """The first worker process hands its agent `stall_after` events and then none, while it keeps
+    its group membership, its partitions and its fetches (tests/stall_fault); the progress watchdog
+    (KSR_STALL_TIMEOUT_S = `stall_timeout_s`) should restart it, and the restarted process, which
+    runs without the fault, answer the rest."""
+    marker = Path(tempfile.mkdtemp(prefix="ksr-stall-marker-"))
+    pythonpath = os.pathsep.join(p for p in (str(STALL_FAULT), os.environ.get("PYTHONPATH")) if p)
+    stream = open_stream("stall", bootstrap, checkpoint, events, PYTHONPATH=pythonpath,
+                         KSR_TEST_STALL_MARKER=str(marker / "stalled"), KSR_TEST_STALL_AFTER=str(stall_after),
+                         KSR_STALL_TIMEOUT_S=f"{stall_timeout_s:g}")
+    worker, collector = stream.worker, stream.collector
+    try:
+        producer = stream.start_load(bootstrap, rate)
+        producer.join()
+        collector.wait_for(set(stream.event_ids), timeout)
+    finally:
+        worker.stop()
+        collector.stop()
+        shutil.rmtree(marker, ignore_errors=True)
+    log = worker.log()
+    stalled = [line for line in log.splitlines() if "the worker has taken no event in" in line]
+    result = {"scenario": "stalled_delivery", "stall_after": stall_after, "stall_timeout_s": stall_timeout_s,
+              **count_answers(collector.received, stream.event_ids),
+              "stall_restarts": len(stalled), "worker_restarts": log.count("restarting the Faust worker"),
+              "stall_report": stalled[0][stalled[0].index("the worker has taken"):][:1000] if stalled else None,
+              "producer_failures": producer.failures}
+    _clean_up(stream.base, result)
+    return result
+
+
 def _clean_up(base: Path, result: dict) -> None:
     """Remove the scenario's folder, unless something was lost or doubled: then keep the logs."""
     if result.get("lost") or result.get("duplicated"):
@@ -572,4 +607,5 @@ def run_all(checkpoint: str, bootstrap: str) -> dict:
         "scale_out": scale_out(bootstrap, checkpoint),
         "broker_outage": broker_outage(bootstrap, checkpoint),
         "hostile_input": hostile_input(bootstrap, checkpoint),
+        "stalled_delivery": stalled_delivery(bootstrap, checkpoint),
     }
