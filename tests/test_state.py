@@ -108,3 +108,27 @@ def test_event_id_hash_is_stable_across_processes() -> None:
     assert event_id_hash("ml-100k:0") == int.from_bytes(
         __import__("hashlib").blake2b(b"ml-100k:0", digest_size=8).digest(), "little"
     )
+
+
+def test_the_settings_and_checkpoint_limits_are_what_the_state_header_holds() -> None:
+    """KSR_HISTORY_LENGTH and KSR_RECENT_EVENT_IDS stop at STATE_COUNT_MAX, and a checkpoint's
+    version at VERSION_MAX, because the header stores them in 16 and 32 bits: a state at each limit
+    round-trips, and one past it cannot be written."""
+    import dataclasses
+    import struct
+
+    from model.checkpoint import VERSION_MAX
+    from worker.config import STATE_COUNT_MAX
+
+    limits = dataclasses.replace(
+        sample_user(), model_version=VERSION_MAX, history=np.arange(STATE_COUNT_MAX, dtype=np.int32),
+        recent_ids=list(range(STATE_COUNT_MAX)))
+    back = decode(encode(limits))
+    assert back.model_version == VERSION_MAX
+    assert len(back.history) == STATE_COUNT_MAX and back.history[-1] == STATE_COUNT_MAX - 1
+    assert back.recent_ids == list(range(STATE_COUNT_MAX))
+    for past in ({"model_version": VERSION_MAX + 1},
+                 {"history": np.arange(STATE_COUNT_MAX + 1, dtype=np.int32)},
+                 {"recent_ids": list(range(STATE_COUNT_MAX + 1))}):
+        with pytest.raises(struct.error):
+            encode(dataclasses.replace(limits, **past))

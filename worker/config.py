@@ -32,6 +32,8 @@ def _positive_int(name: str, default: int, maximum: int | None = None) -> int:
 
 
 # The user state stores its item-history and event-id counts in 16 bits (worker/state.py).
+# tests/test_state.py checks this limit against the header, and model.checkpoint.VERSION_MAX
+# against the header's 32-bit model version.
 STATE_COUNT_MAX = 65535
 
 
