@@ -148,3 +148,4 @@ def test_a_worker_that_stops_taking_events_restarts_by_itself_and_loses_nothing(
                              "processed (t"), report
     # Where the input stands, then the fetch path: nothing queued, nothing paused.
     assert ".interactions[" in report and " at offset " in report and "queued for the agent: 0; Faust's paused partitions: []" in report
+    assert "; aiokafka: 0: position " in report and "highwater" in report and "unknown" not in report, report

@@ -365,7 +365,26 @@ class Worker:
                 f"{partitions(getattr(consumer, '_paused_partitions', None))}, active: "
                 f"{partitions(getattr(consumer, '_active_partitions', None))}; last read offsets: "
                 f"{ {tp.partition: read[tp] for tp in sorted(read) if tp.topic == topic} }; "
-                f"flow {'active' if self.app.flow_control.is_active() else 'suspended'}")
+                f"flow {'active' if self.app.flow_control.is_active() else 'suspended'}; {self._client_report()}")
+
+    def _client_report(self) -> str:
+        """aiokafka's view, in Faust's consumer thread, of each input partition: its fetch position
+        (none while it awaits a reset), whether aiokafka has it paused, the last highwater a fetch
+        saw. Read from this thread without a lock: a diagnostic, not a decision."""
+        topic = self.settings.interactions_topic
+        try:
+            client = self.app.consumer._thread._consumer
+            assignment = client._subscription.subscription.assignment
+            parts = []
+            for tp in sorted(client.assignment()):
+                if tp.topic == topic:
+                    state = assignment.state_value(tp)
+                    position = state.position if state.has_valid_position else "none"
+                    parts.append(f"{tp.partition}: position {position}{', paused' if state.paused else ''}, "
+                                 f"highwater {client.highwater(tp)}")
+            return "aiokafka: " + ("; ".join(parts) or "no input partition assigned")
+        except Exception as error:  # noqa: BLE001  (private attributes of two libraries: report, never fail)
+            return f"aiokafka: unknown ({type(error).__name__}: {error})"
 
     async def _direct_batches(self):
         """Direct delivery's batches (worker.delivery), as (messages, acknowledge) pairs."""
