@@ -46,6 +46,13 @@ class Recommendation:
     explanation: list[dict]
 
 
+def _row_starts(lengths) -> np.ndarray:
+    """Where each row begins in its entries laid end to end: row b's are flat[starts[b]:starts[b + 1]]."""
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    return starts
+
+
 def resolve_ranking_precision(setting: str, n_items: int, compiled: bool = True) -> str:
     """What a ranking precision setting means for a catalog of `n_items` (padding included): "auto"
     is int8 from INT8_AUTO_MIN_ITEMS items on when the compiled kernels serve, float32 otherwise.
@@ -230,8 +237,7 @@ class Recommender:
         cols = np.concatenate(seen).astype(np.int64) if seen else np.zeros(0, dtype=np.int64)
         n, batch = self.n_items, user_vectors.shape[0]
         if self.compiled:
-            starts = np.zeros(batch + 1, dtype=np.int64)  # row b's seen items: cols[starts[b]:starts[b + 1]]
-            np.cumsum(lengths, out=starts[1:])
+            starts = _row_starts(lengths)  # row b's seen items: cols[starts[b]:starts[b + 1]]
             if self.int8_catalog is not None and batch >= INT8_MIN_BATCH:
                 return self._top_k_int8(user_vectors, starts, cols, k)
             return self._top_k_compiled(user_vectors, starts, cols, k)
@@ -309,11 +315,9 @@ class Recommender:
         for wider in (True, False):
             if certified.all():
                 break
-            rows = np.flatnonzero(~certified)
-            again = [cols[starts[row] : starts[row + 1]] for row in rows]
-            again_starts = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum([len(a) for a in again], out=again_starts[1:])
-            again_cols = np.concatenate(again) if again else cols[:0]
+            rows = np.flatnonzero(~certified)  # at least one
+            again_starts = _row_starts(starts[rows + 1] - starts[rows])
+            again_cols = np.concatenate([cols[starts[row] : starts[row + 1]] for row in rows])
             vectors = user_vectors[torch.from_numpy(rows)]
             if wider:
                 self.ranked_again += len(rows)
