@@ -61,7 +61,18 @@ def test_bench_batches_leaves_the_collector_alone_when_the_worker_would(small_ch
 
 @pytest.mark.broker
 @pytest.mark.slow
+def _bench_topics(bootstrap: str) -> set[str]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return {name for name in admin.list_topics() if name.startswith("bench")}
+    finally:
+        admin.close()
+
+
 def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> None:
+    topics_before = _bench_topics(bootstrap)
     result = subprocess.run(
         [*KSR, "bench", "throughput", "--events", "2000", "--checkpoint", str(small_checkpoint), "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
@@ -104,6 +115,13 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     # At least one step per batch, at most one per event.
     steps = figures["worker_model_steps_per_event"]
     assert steps is None or 1 / 256 <= steps <= 1, steps
+    # The latency phase's own batches and agent time: every paced event answered in it.
+    phase = figures["latency_phase"]
+    assert phase["answers"] == figures["latency_events"] and 1 <= phase["batches"] <= phase["answers"], phase
+    assert phase["mean_batch"] == pytest.approx(phase["answers"] / phase["batches"], rel=0.01), phase
+    assert phase["seconds"] > 0 and phase["cpu_ms_per_event"] > 0 and phase["agent_ms_per_event"]["process"] > 0
+    # The run deleted its topics (its inputs, outputs and the workers' changelogs) when it ended.
+    assert _bench_topics(bootstrap) <= topics_before, _bench_topics(bootstrap) - topics_before
 
 
 @pytest.mark.broker
@@ -262,6 +280,31 @@ def test_agent_time_per_event_is_each_phases_seconds_over_the_events_in_the_midd
     assert figures["process"] == pytest.approx(0.5) and figures["send"] == pytest.approx(0.1)
     assert figures["idle"] == 0.0 and set(figures) == set(AGENT_PHASES)
     assert _agent_ms_per_event(samples[:2], 1000) is None
+
+
+def test_phase_figures_are_the_counters_differences_per_answer() -> None:
+    from worker.bench import AGENT_PHASES, _phase_figures
+
+    def counters(answers: float, cpu: float, events: float, batches: float, process: float, idle: float,
+                 at: float, busy: float) -> dict:
+        return {"ksr_recommendations_total": answers, "process_cpu_seconds_total": cpu,
+                "ksr_batch_size_sum": events, "ksr_batch_size_count": batches, "monotonic": at,
+                "machine_busy": busy, **{name: 0.0 for name in AGENT_PHASES.values()},
+                AGENT_PHASES["process"]: process, AGENT_PHASES["idle"]: idle}
+
+    # 3,000 answers in 60 batches over 2 s: 0.9 s of CPU, 0.6 s processing, 1.2 s idle, 3 cores-seconds.
+    figures = _phase_figures(counters(1000, 10.0, 1000, 10, 1.0, 5.0, 100.0, 50.0),
+                             counters(4000, 10.9, 4000, 70, 1.6, 6.2, 102.0, 53.0))
+    assert figures["answers"] == 3000 and figures["batches"] == 60 and figures["mean_batch"] == 50.0
+    assert figures["seconds"] == 2.0 and figures["machine_cores_busy"] == 1.5
+    assert figures["cpu_ms_per_event"] == pytest.approx(0.3)
+    assert figures["agent_ms_per_event"]["process"] == pytest.approx(0.2)
+    assert figures["agent_ms_per_event"]["idle"] == pytest.approx(0.4)
+    # Nothing answered (a worker whose page did not answer): no per-answer figures, no division by zero.
+    quiet = _phase_figures(counters(1000, 10.0, 1000, 10, 1.0, 5.0, 100.0, 50.0),
+                           counters(1000, 10.0, 1000, 10, 1.0, 5.0, 101.0, 50.5))
+    assert quiet["answers"] == 0 and quiet["mean_batch"] is None and quiet["cpu_ms_per_event"] is None
+    assert quiet["agent_ms_per_event"] is None
 
 
 def test_rss_growth_is_from_the_20pct_sample_to_the_highest_after_with_the_parts_at_both() -> None:

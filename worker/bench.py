@@ -28,6 +28,7 @@ from pathlib import Path
 from worker.config import REPO_ROOT, Settings
 from worker.metrics import AGENT_PHASE, C_HEAP, EVENT_AGE, ROCKSDB_MEMORY
 from worker.replay import paced_async
+from worker.topics import delete_topics
 
 
 def _log(message: str) -> None:
@@ -211,6 +212,45 @@ MEMORY_PARTS = {
     **{part: f'ksr_memory_bytes{{part="{part}"}}' for part in (*ROCKSDB_MEMORY, *C_HEAP)},
     "python_allocated_blocks": "ksr_python_allocated_blocks",
 }
+
+
+def _counters(urls: list[str]) -> dict[str, float]:
+    """The workers' cumulative counters that `_phase_figures` turns into a phase's figures, summed."""
+    names = ("ksr_recommendations_total", "process_cpu_seconds_total", "ksr_batch_size_sum",
+             "ksr_batch_size_count", *AGENT_PHASES.values())
+    totals: dict[str, float] = {"monotonic": time.monotonic()}
+    busy = _machine_busy_seconds()
+    if busy is not None:
+        totals["machine_busy"] = busy
+    for url in urls:
+        for name, value in scrape_samples(url, names).items():
+            totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the workers did between two `_counters` reads: answers, batches and their mean size, CPU
+    and the agent's wall time by phase per answer (ms). The latency phase's own figures: a worker
+    that falls behind there shows whether it took small batches, waited, or spent more per event."""
+    def delta(name: str) -> float | None:
+        return after[name] - before[name] if name in after and name in before else None
+
+    answers = delta("ksr_recommendations_total") or 0.0
+    batches = delta("ksr_batch_size_count")
+    cpu = delta("process_cpu_seconds_total")
+    busy, wall = delta("machine_busy"), delta("monotonic")
+    figures = {"answers": int(answers), "batches": None if batches is None else int(batches),
+               "seconds": round(wall, 2),
+               # How many of the machine's cores were busy (the workers, the broker, this benchmark).
+               "machine_cores_busy": round(busy / wall, 2) if busy is not None and wall else None,
+               "mean_batch": round(delta("ksr_batch_size_sum") / batches, 1) if batches else None,
+               "cpu_ms_per_event": round(cpu * 1000 / answers, 4) if cpu is not None and answers else None}
+    phases = {phase: delta(name) for phase, name in AGENT_PHASES.items()}
+    figures["agent_ms_per_event"] = {
+        phase: round(seconds * 1000 / answers, 4) for phase, seconds in phases.items()
+        if seconds is not None and answers
+    } or None
+    return figures
 
 
 def _machine_busy_seconds() -> float | None:
@@ -513,7 +553,6 @@ def bench_throughput(
     the worker stopped (RocksDB flushed and closed), its state folder's bytes per user.
     """
     from model.data import load
-    from model.serving import resolve_ranking_precision
 
     require_at_least_one(workers=workers, partitions=partitions, events=events, latency_events=latency_events)
     base = Settings.from_env()
@@ -521,7 +560,26 @@ def bench_throughput(
     dataset = load(data)
     tag = uuid.uuid4().hex[:8]
     names = {k: f"bench{tag}.{k}" for k in ("raw-in", "raw-out", "echo-in", "echo-out", "in", "out", "dlq", "updates")}
+    app_id = f"bench-{tag}"  # the workers' group, and the prefix of their Faust changelog topics
     _create_topics(base, list(names.values()), partitions)
+    try:
+        return _bench_throughput(base, dataset, names, app_id, checkpoint, events, latency_events, partitions,
+                                 timeout, worker_env, profile, latency_rate, workers)
+    finally:
+        # A run leaves a few GB on the broker at a million events (every topic holds the backlog
+        # or its answers): gone when the run ends, however it ends.
+        try:
+            deleted = delete_topics(base, (f"bench{tag}.", f"{app_id}-"))
+            _log(f"deleted this run's {len(deleted)} topics")
+        except Exception as error:  # noqa: BLE001  (the run's own error, if any, is the one to see)
+            _log(f"could not delete this run's topics (bench{tag}.*, {app_id}-*): {error!r}")
+
+
+def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpoint: str, events: int,
+                      latency_events: int, partitions: int, timeout: float, worker_env: dict | None,
+                      profile: str | None, latency_rate: float | None, workers: int) -> dict:
+    from model.serving import resolve_ranking_precision
+
     backlog = _events(dataset, events)
     _log(f"producing {events} events to two input topics ({partitions} partitions)")
     _produce(base.bootstrap_servers, names["raw-in"], backlog, base.kafka_security)
@@ -531,7 +589,7 @@ def bench_throughput(
     metrics_port = int(os.environ.get("KSR_BENCH_METRICS_PORT", "9474"))
     urls = [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(workers)]
     env = {
-        **os.environ, "KSR_APP_ID": f"bench-{tag}", "KSR_TOPIC_INTERACTIONS": names["in"],
+        **os.environ, "KSR_APP_ID": app_id, "KSR_TOPIC_INTERACTIONS": names["in"],
         "KSR_TOPIC_RECOMMENDATIONS": names["out"], "KSR_TOPIC_DLQ": names["dlq"],
         "KSR_TOPIC_MODEL_UPDATES": names["updates"], "KSR_CHECKPOINT": checkpoint,
         **(worker_env or {}),
@@ -564,10 +622,12 @@ def bench_throughput(
         commits_before = _histograms(urls, "ksr_commit_seconds")
         full_gc_before = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
         ages_before = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
+        counters_before = _counters(urls)
         trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, processes))
         commits_after = _histograms(urls, "ksr_commit_seconds")
         full_gc_after = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
         ages_after = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
+        latency_phase = _phase_figures(counters_before, _counters(urls))
     finally:
         for process in processes:
             _stop(process, 60)
@@ -623,6 +683,8 @@ def bench_throughput(
         "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
         "commits": _bucket_count(commits_before, commits_after),
         # The worker's full garbage collections during the latency phase: each stops its event loop.
+        # The workers' batches, CPU and agent phases over that phase (per answer), as the drain's above.
+        "latency_phase": latency_phase,
         "full_gc_collections": _bucket_count(full_gc_before, full_gc_after),
         "full_gc_pause_max_ms_bound": _ms(_bucket_quantile(full_gc_before, full_gc_after, 1.0)),
         "events": events,

@@ -67,3 +67,16 @@ def ensure_topics(settings: Settings) -> int:
         return partitions
     finally:
         admin.close()
+
+
+def delete_topics(settings: Settings, prefixes: tuple[str, ...]) -> list[str]:
+    """Delete every topic whose name starts with one of `prefixes` (a benchmark's own topics, its
+    Faust changelogs included); returns the names deleted."""
+    admin = admin_client(settings)
+    try:
+        doomed = sorted(name for name in admin.list_topics() if name.startswith(prefixes))
+        if doomed:
+            admin.delete_topics(doomed, timeout_ms=30000)
+        return doomed
+    finally:
+        admin.close()
