@@ -290,7 +290,7 @@ def test_padding_item_is_not_a_catalog_item() -> None:
 
     processor = BatchProcessor(Catalog())  # type: ignore[arg-type]
     source = Source(b"u", b'{"user_id": "u", "item_id": "[PAD]", "ts": 1}', "t", 0, 0, 0.0)
-    result = processor.process([source], lambda user: None)
+    result = processor.process([source], lambda user, _partition: None)
     assert [reason for *_, reason in result.dead_letters] == ["unknown_item"]
     assert not result.recommendations
 

@@ -30,6 +30,19 @@ def recommender(small_checkpoint, request) -> Recommender:
     return Recommender.load(small_checkpoint, compiled=request.param)
 
 
+def test_a_new_users_state_is_the_models_initial_state(recommender: Recommender) -> None:
+    processor = BatchProcessor(recommender)
+    fresh, initial = processor.new_user(), recommender.initial_state(1)
+    for mine, models in ((fresh.hidden, initial.hidden[0]), (fresh.memory_values, initial.memory_values[0]),
+                         (fresh.evidence, initial.evidence[0])):
+        models = models.numpy()
+        assert mine.dtype == models.dtype and mine.shape == models.shape and np.array_equal(mine, models)
+    assert fresh.model_version == recommender.version and fresh.events == 0 and len(fresh.history) == 0
+    other = processor.new_user()  # its own arrays: one user's update never shows in another's
+    other.hidden[0], other.memory_values[0, 0], other.evidence[0] = 1.0, 1.0, 1.0
+    assert fresh.hidden[0] == fresh.memory_values[0, 0] == fresh.evidence[0] == 0.0
+
+
 @torch.no_grad()
 def test_batches_answer_as_one_event_at_a_time(recommender: Recommender) -> None:
     items = recommender.item_tokens[1:40]
@@ -51,7 +64,7 @@ def test_batches_answer_as_one_event_at_a_time(recommender: Recommender) -> None
     processor = BatchProcessor(recommender, top_k=10)
     table: dict[str, bytes] = {}
 
-    def load(user_id: str):
+    def load(user_id: str, _partition: int):
         blob = table.get(user_id)
         return None if blob is None else decode(blob)
 
@@ -107,7 +120,7 @@ def test_the_seen_filter_and_the_stored_history_keep_the_last_history_length_ite
     table: dict[str, bytes] = {}
     answers = []
     for batch in batches:
-        result = processor.process(batch, lambda u: decode(table[u]) if u in table else None)
+        result = processor.process(batch, lambda u, _partition: decode(table[u]) if u in table else None)
         answers.extend(json.loads(value) for _, _, value in result.recommendations)
         table.update({u: encode(stored, "float32") for u, (_, stored) in result.states.items()})
 
@@ -137,14 +150,14 @@ def test_an_event_under_another_key_is_dead_lettered_and_changes_no_state(recomm
     no_key = Source(None, good.value, "interactions", 1, 7, 0.0)
     other_key = Source(b"b", good.value.replace(b'"e0"', b'"e1"'), "interactions", 2, 8, 0.0)
     processor = BatchProcessor(recommender)
-    result = processor.process([no_key, other_key], lambda user: None)
+    result = processor.process([no_key, other_key], lambda user, _partition: None)
     assert [reason for *_, reason in result.dead_letters] == ["key_mismatch", "key_mismatch"]
     assert not result.states and not result.recommendations
     details = [json.loads(letter)["detail"] for _, _, letter, _ in result.dead_letters]
     assert details == ["the message key must be the user_id in UTF-8, got no key",
                        "the message key must be the user_id in UTF-8, got b'b'"]
     assert [json.loads(letter)["source"]["partition"] for _, _, letter, _ in result.dead_letters] == [1, 2]
-    assert len(processor.process([good], lambda user: None).recommendations) == 1
+    assert len(processor.process([good], lambda user, _partition: None).recommendations) == 1
 
 
 @torch.no_grad()
@@ -159,7 +172,7 @@ def test_a_state_of_other_sizes_is_recomputed_not_stacked(recommender: Recommend
     fresh = processor.new_user()
     other = dataclasses.replace(fresh, hidden=np.zeros(3, np.float32), memory_values=np.zeros((2, 5), np.float32),
                                 evidence=np.zeros(2, np.float32), history=history, events=2)
-    result = processor.process([_source(0, "a", items[2], "e0")], lambda user: other)
+    result = processor.process([_source(0, "a", items[2], "e0")], lambda user, _partition: other)
     assert result.recomputed_users == 1 and len(result.recommendations) == 1
     state = result.states["a"][1]
     assert state.hidden.shape == fresh.hidden.shape and state.memory_values.shape == fresh.memory_values.shape
@@ -207,7 +220,7 @@ def _process(batches, processor: BatchProcessor) -> tuple[list, dict[str, bytes]
     table: dict[str, bytes] = {}
     results = []
     for batch in batches:
-        result = processor.process(batch, lambda u: None if u not in table else decode(table[u]))
+        result = processor.process(batch, lambda u, _partition: None if u not in table else decode(table[u]))
         for user_id, (_, stored) in result.states.items():
             table[user_id] = encode(stored, "float32")
         results.append(result)

@@ -364,7 +364,7 @@ def test_payload_cap_is_read_and_enforced(clean_env) -> None:
             self.item_index = {"[PAD]": 0, "50": 1}
 
     processor = BatchProcessor(Catalog(), max_event_bytes=settings.max_event_bytes)  # type: ignore[arg-type]
-    result = processor.process([Source(b"1", over, "t", 0, 0, 0.0)], lambda user: None)
+    result = processor.process([Source(b"1", over, "t", 0, 0, 0.0)], lambda user, _partition: None)
     assert [reason for *_, reason in result.dead_letters] == ["oversized"]
 
     for bad in ("0", "-5", "64k"):

@@ -623,8 +623,12 @@ class Worker:
             fresh.append(message)
         return fresh
 
-    def _load(self, user_id: str) -> StoredUser | None:
-        blob = self.user_state.get(user_id.encode())
+    def _load(self, user_id: str, partition: int) -> StoredUser | None:
+        """The user's state from the store of its event's partition, the one its state is written
+        to (`handle`): a user's events share a partition, as its key is its id. One RocksDB read;
+        through the table, with no current event (a batch holds several partitions), Faust looked
+        every key up in each partition's store first, and a state it found it read twice."""
+        blob = self.user_state.data._db_for_partition(partition).get(user_id.encode())
         if blob is None:
             return None
         try:
@@ -696,9 +700,8 @@ class Worker:
             for m in messages
         ]
         metrics.observe_ages(metrics.EVENT_AGE["batched"], [source.timestamp for source in sources])
-        # One model forward for the whole batch, whichever partitions its events came from.
-        # No current event while loading states: the RocksDB store would then look every user up
-        # in that event's partition only.
+        # One model forward for the whole batch, whichever partitions its events came from. Each
+        # user's state is read from its own event's partition (`_load`); no current event meanwhile.
         token = _current_event.set(None)
         started = time.perf_counter()
         try:

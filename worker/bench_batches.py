@@ -78,7 +78,7 @@ def _run(recommender, batches: list[list]) -> dict:
     processor = BatchProcessor(recommender)
     store: dict[str, bytes] = {}
 
-    def load(user_id: str):
+    def load(user_id: str, _partition: int):
         blob = store.get(user_id)
         return None if blob is None else states.decode(blob)
 

@@ -264,18 +264,21 @@ class BatchProcessor:
         return self._state_shapes
 
     def new_user(self) -> StoredUser:
-        """State of a user with no events under the current model."""
-        initial = self.recommender.initial_state(1)
+        """State of a user with no events under the current model: the model's initial state (zero
+        GRU state, empty memory), made in NumPy from its shapes (every event is a new user's at
+        scale, and three tensors made and converted per user cost more than the arrays)."""
+        hidden, memory = self._shapes()
         return StoredUser(
             model_version=self.recommender.version, events=0, last_ts=0.0,
-            hidden=initial.hidden[0].numpy(), memory_values=initial.memory_values[0].numpy(),
-            evidence=initial.evidence[0].numpy(), history=np.zeros(0, dtype=np.int32), recent_ids=[],
+            hidden=np.zeros(hidden, np.float32), memory_values=np.zeros(memory, np.float32),
+            evidence=np.zeros(memory[:1], np.float32), history=np.zeros(0, dtype=np.int32), recent_ids=[],
         )
 
     def process(
         self, batch: Sequence[Source], load: Callable[[str], StoredUser | None]
     ) -> BatchResult:
-        """Process a batch in order; `load(user_id)` returns a stored state or None."""
+        """Process a batch in order; `load(user_id, partition)` returns the user's stored state in
+        the partition of its event (where its state is written), or None."""
         result = BatchResult()
         catalog = self.recommender.item_index
         accepted: list[tuple[Source, Interaction, int]] = []
@@ -300,10 +303,10 @@ class BatchProcessor:
 
         users: dict[str, StoredUser] = {}
         stale: list[str] = []
-        for _, event, _ in accepted:
+        for source, event, _ in accepted:
             if event.user_id in users:
                 continue
-            stored = load(event.user_id)
+            stored = load(event.user_id, source.partition)
             if stored is None:
                 stored = self.new_user()
                 result.new_users += 1
