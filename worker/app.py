@@ -21,12 +21,10 @@ import logging
 import os
 import sys
 import time
-import weakref
 
 import aiokafka.producer.sender
 import faust
 import rocksdict
-from faust.streams import _current_event  # faust-streaming is pinned; see handle
 from faust.types import TP
 
 from model.serving import Recommender
@@ -136,16 +134,6 @@ class _GateHold:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             lock.release()
-
-
-class _PartitionEvent:
-    """What Faust's RocksDB store reads of the current event when it writes a key: the message,
-    for its partition (worker.app.Worker.handle sets one per partition it writes)."""
-
-    __slots__ = ("__weakref__", "message")
-
-    def __init__(self, message) -> None:
-        self.message = message
 
 
 _commit_gate_hold: contextvars.ContextVar[_GateHold | None] = contextvars.ContextVar("ksr_commit_gate_hold")
@@ -701,34 +689,30 @@ class Worker:
         ]
         metrics.observe_ages(metrics.EVENT_AGE["batched"], [source.timestamp for source in sources])
         # One model forward for the whole batch, whichever partitions its events came from. Each
-        # user's state is read from its own event's partition (`_load`); no current event meanwhile.
-        token = _current_event.set(None)
+        # user's state is read from its own event's partition (`_load`).
         started = time.perf_counter()
-        try:
-            result = self.processor.process(sources, self._load)
-        finally:
-            _current_event.reset(token)
+        result = self.processor.process(sources, self._load)
         processed = time.perf_counter() - started
         metrics.AGENT_PHASE["process"].inc(processed)
         message_of_partition = {m.partition: m for m in messages}
         await self._ensure_transactions(message_of_partition)
         precision = self.settings.state_precision
-        table = self.user_state
-        changelog = table.changelog_topic_name
+        changelog = self.user_state.changelog_topic_name
         outgoing: list[tuple[str, int, bytes | None, bytes]] = []
-        for partition, message in message_of_partition.items():
-            # The RocksDB store picks its partition from the current event: set it to one of the
-            # partition's own messages (this task's context variable only), then restore it.
-            event = _PartitionEvent(message)
-            token = _current_event.set(weakref.ref(event))
-            try:
-                for user_id, (user_partition, stored) in result.states.items():
-                    if user_partition == partition:
-                        key, value = user_id.encode(), encode(stored, precision)
-                        table.data[key] = value
-                        outgoing.append((changelog, partition, key, value))
-            finally:
-                _current_event.reset(token)
+        # Each partition's states in one RocksDB write (one write-ahead-log append per partition and
+        # batch), to the store of that partition: where `_load` reads them and Faust's recovery
+        # rebuilds them from the changelog records sent beside them.
+        writes: dict[int, rocksdict.WriteBatch] = {}
+        for user_id, (partition, stored) in result.states.items():
+            key, value = user_id.encode(), encode(stored, precision)
+            write = writes.get(partition)
+            if write is None:
+                write = writes[partition] = rocksdict.WriteBatch(raw_mode=True)
+            write.put(key, value)
+            outgoing.append((changelog, partition, key, value))
+        store = self.user_state.data
+        for partition, write in writes.items():
+            store._db_for_partition(partition).write(write)
         topic = self.settings.recommendations_topic
         outgoing.extend((topic, partition, key, value) for partition, key, value in result.recommendations)
         topic = self.settings.dlq_topic
