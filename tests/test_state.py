@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.state import FORMAT_VERSION, StateDecodeError, StoredUser, decode, encode, event_id_hash
+from worker.state import (
+    FORMAT_VERSION,
+    StateDecodeError,
+    StoredUser,
+    decode,
+    encode,
+    encode_many,
+    event_id_hash,
+)
 
 
 def sample_user(relations: int = 10, kb_dim: int = 64, hidden: int = 128) -> StoredUser:
@@ -67,6 +75,33 @@ def test_state_without_memory_round_trips(precision: str) -> None:
     user.memory_values = np.zeros((0, 0), np.float32)
     back = decode(encode(user, precision))
     assert back.memory_values.shape == (0, 0) and back.evidence.shape == (0,)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_encoding_many_users_at_once_gives_each_ones_own_bytes(precision: str) -> None:
+    """encode_many rounds a batch's states to int8 in one go; every user's bytes are encode's."""
+    rng = np.random.default_rng(1)
+    users = []
+    for n in range(6):
+        user = sample_user()
+        user.hidden = (rng.standard_normal(128) * 4.0 ** n).astype(np.float32)
+        user.memory_values = (rng.standard_normal((10, 64)) * 4.0 ** -n).astype(np.float32)
+        user.events, user.last_offset, user.history = n, 100 + n, np.arange(n, dtype=np.int32)
+        users.append(user)
+    users[1].memory_values[3] = 0.0  # a slot never written: scale 0
+    users[2].hidden[:] = 0.0  # a new user's GRU state
+    users[3].hidden[5] = -users[3].hidden[5] * 100  # one entry far from the others
+    users[4].memory_values = users[4].memory_values.astype(np.float64)  # another dtype in the batch
+    assert encode_many(users, precision) == [encode(user, precision) for user in users]
+    assert encode_many(users[:1], precision) == [encode(users[0], precision)] and encode_many([], precision) == []
+    # Users of different shapes (a checkpoint with other sizes) are still each encoded as alone.
+    other = sample_user(relations=4, kb_dim=8, hidden=16)
+    assert encode_many([users[0], other], precision) == [encode(users[0], precision), encode(other, precision)]
+    # States without memory (the GRU4Rec ablation).
+    bare = [sample_user(relations=0, kb_dim=0) for _ in range(3)]
+    for user in bare:
+        user.memory_values = np.zeros((0, 0), np.float32)
+    assert encode_many(bare, precision) == [encode(user, precision) for user in bare]
 
 
 @pytest.mark.parametrize(

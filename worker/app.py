@@ -34,7 +34,7 @@ from worker.delivery import DirectDelivery
 from worker.ledger import BrokerOffsets, Delivery, OffsetLedger
 from worker.logfilter import quiet_repeated_kafka_errors
 from worker.processing import BatchProcessor, Source
-from worker.state import StateDecodeError, StoredUser, decode, encode
+from worker.state import StateDecodeError, StoredUser, decode, encode_many
 from worker.store import SharedCacheOptions
 
 log = logging.getLogger("ksr.worker")
@@ -703,8 +703,9 @@ class Worker:
         # batch), to the store of that partition: where `_load` reads them and Faust's recovery
         # rebuilds them from the changelog records sent beside them.
         writes: dict[int, rocksdict.WriteBatch] = {}
-        for user_id, (partition, stored) in result.states.items():
-            key, value = user_id.encode(), encode(stored, precision)
+        values = encode_many([stored for _, stored in result.states.values()], precision)
+        for (user_id, (partition, _)), value in zip(result.states.items(), values):
+            key = user_id.encode()
             write = writes.get(partition)
             if write is None:
                 write = writes[partition] = rocksdict.WriteBatch(raw_mode=True)

@@ -61,13 +61,19 @@ def event_id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
-def _quantize(rows: np.ndarray) -> bytes:
-    """int8 rows with one float32 scale per row (symmetric, the row's largest magnitude)."""
+def _quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows and one little-endian float32 scale per row (symmetric, the row's largest
+    magnitude), over the last axis of an array of any rank."""
     rows = np.asarray(rows, dtype=np.float32)
     scale = np.abs(rows).max(axis=-1) if rows.size else np.zeros(rows.shape[:-1], np.float32)
     safe = np.where(scale > 0, scale, 1.0)[..., None]
-    q = np.rint(rows / safe * 127).astype(np.int8)
-    return q.tobytes() + scale.astype("<f4").tobytes()
+    return np.rint(rows / safe * 127).astype(np.int8), scale.astype("<f4")
+
+
+def _quantize(rows: np.ndarray) -> bytes:
+    """int8 rows with one float32 scale per row, as stored."""
+    q, scale = _quantize_rows(rows)
+    return q.tobytes() + scale.tobytes()
 
 
 def _dequantize(raw: bytes, rows: int, width: int) -> np.ndarray:
@@ -95,7 +101,32 @@ def encode(user: StoredUser, precision: str = "float32") -> bytes:
     else:
         hidden_bytes = np.ascontiguousarray(user.hidden, dtype=dtype).tobytes()
         memory_bytes = np.ascontiguousarray(memory, dtype=dtype).tobytes()
-    hidden_size = np.asarray(user.hidden).shape[0]
+    return _pack(user, code, np.asarray(user.hidden).shape[0], relations, kb_dim, hidden_bytes, memory_bytes)
+
+
+def encode_many(users: list[StoredUser], precision: str = "float32") -> list[bytes]:
+    """`encode` of each user, byte for byte, with the int8 rounding done for all of them at once: a
+    batch's new states, where rounding them one by one was most of their packing (at a million
+    users every event's state is written)."""
+    code, _ = _PRECISIONS[precision]
+    hiddens = [np.asarray(user.hidden) for user in users]
+    memories = [np.asarray(user.memory_values) for user in users]
+    if (code != 2 or len(users) < 2 or len({h.shape for h in hiddens}) > 1
+            or len({m.shape for m in memories}) > 1 or memories[0].ndim != 2):
+        return [encode(user, precision) for user in users]
+    relations, kb_dim = memories[0].shape
+    hidden_q, hidden_scale = _quantize_rows(np.stack(hiddens))  # (U, H), (U,)
+    memory_q, memory_scale = _quantize_rows(np.stack(memories))  # (U, A, D), (U, A)
+    return [
+        _pack(user, code, hiddens[0].shape[0], relations, kb_dim,
+              hidden_q[i].tobytes() + hidden_scale[i : i + 1].tobytes(),
+              memory_q[i].tobytes() + memory_scale[i].tobytes())
+        for i, user in enumerate(users)
+    ]
+
+
+def _pack(user: StoredUser, code: int, hidden_size: int, relations: int, kb_dim: int,
+          hidden_bytes: bytes, memory_bytes: bytes) -> bytes:
     header = _HEADER.pack(
         FORMAT_VERSION, code, user.model_version, user.events, user.last_ts, user.last_partition,
         user.last_offset, hidden_size, relations, kb_dim, len(user.history), len(user.recent_ids),
