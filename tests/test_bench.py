@@ -120,6 +120,8 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert phase["answers"] == figures["latency_events"] and 1 <= phase["batches"] <= phase["answers"], phase
     assert phase["mean_batch"] == pytest.approx(phase["answers"] / phase["batches"], rel=0.01), phase
     assert phase["seconds"] > 0 and phase["cpu_ms_per_event"] > 0 and phase["agent_ms_per_event"]["process"] > 0
+    assert all(phase[name] is not None and phase[name] >= 0
+               for name in ("machine_cores_busy", "machine_cores_iowait", "machine_cores_stolen")), phase
     # The run deleted its topics (its inputs, outputs and the workers' changelogs) when it ended.
     assert _bench_topics(bootstrap) <= topics_before, _bench_topics(bootstrap) - topics_before
 
@@ -289,7 +291,8 @@ def test_phase_figures_are_the_counters_differences_per_answer() -> None:
                  at: float, busy: float) -> dict:
         return {"ksr_recommendations_total": answers, "process_cpu_seconds_total": cpu,
                 "ksr_batch_size_sum": events, "ksr_batch_size_count": batches, "monotonic": at,
-                "machine_busy": busy, **{name: 0.0 for name in AGENT_PHASES.values()},
+                "machine_busy": busy, "machine_iowait": busy / 10, "machine_steal": busy / 50,
+                **{name: 0.0 for name in AGENT_PHASES.values()},
                 AGENT_PHASES["process"]: process, AGENT_PHASES["idle"]: idle}
 
     # 3,000 answers in 60 batches over 2 s: 0.9 s of CPU, 0.6 s processing, 1.2 s idle, 3 cores-seconds.
@@ -297,6 +300,7 @@ def test_phase_figures_are_the_counters_differences_per_answer() -> None:
                              counters(4000, 10.9, 4000, 70, 1.6, 6.2, 102.0, 53.0))
     assert figures["answers"] == 3000 and figures["batches"] == 60 and figures["mean_batch"] == 50.0
     assert figures["seconds"] == 2.0 and figures["machine_cores_busy"] == 1.5
+    assert figures["machine_cores_iowait"] == 0.15 and figures["machine_cores_stolen"] == 0.03
     assert figures["cpu_ms_per_event"] == pytest.approx(0.3)
     assert figures["agent_ms_per_event"]["process"] == pytest.approx(0.2)
     assert figures["agent_ms_per_event"]["idle"] == pytest.approx(0.4)

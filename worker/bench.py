@@ -219,9 +219,10 @@ def _counters(urls: list[str]) -> dict[str, float]:
     names = ("ksr_recommendations_total", "process_cpu_seconds_total", "ksr_batch_size_sum",
              "ksr_batch_size_count", *AGENT_PHASES.values())
     totals: dict[str, float] = {"monotonic": time.monotonic()}
-    busy = _machine_busy_seconds()
-    if busy is not None:
-        totals["machine_busy"] = busy
+    for name, columns in (("machine_busy", (0, 1, 2, 5, 6)), ("machine_iowait", (4,)), ("machine_steal", (7,))):
+        seconds = _proc_stat_seconds(columns)
+        if seconds is not None:
+            totals[name] = seconds
     for url in urls:
         for name, value in scrape_samples(url, names).items():
             totals[name] = totals.get(name, 0.0) + value
@@ -238,11 +239,18 @@ def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
     answers = delta("ksr_recommendations_total") or 0.0
     batches = delta("ksr_batch_size_count")
     cpu = delta("process_cpu_seconds_total")
-    busy, wall = delta("machine_busy"), delta("monotonic")
+    wall = delta("monotonic")
+
+    def cores(name: str) -> float | None:
+        seconds = delta(name)
+        return round(seconds / wall, 2) if seconds is not None and wall else None
+
     figures = {"answers": int(answers), "batches": None if batches is None else int(batches),
                "seconds": round(wall, 2),
-               # How many of the machine's cores were busy (the workers, the broker, this benchmark).
-               "machine_cores_busy": round(busy / wall, 2) if busy is not None and wall else None,
+               # How many of the machine's cores were busy (the workers, the broker, this benchmark),
+               # idle with a disk write or read outstanding, and taken by the hypervisor.
+               "machine_cores_busy": cores("machine_busy"), "machine_cores_iowait": cores("machine_iowait"),
+               "machine_cores_stolen": cores("machine_steal"),
                "mean_batch": round(delta("ksr_batch_size_sum") / batches, 1) if batches else None,
                "cpu_ms_per_event": round(cpu * 1000 / answers, 4) if cpu is not None and answers else None}
     phases = {phase: delta(name) for phase, name in AGENT_PHASES.items()}
@@ -256,9 +264,15 @@ def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
 def _machine_busy_seconds() -> float | None:
     """CPU seconds this machine's cores have spent busy since boot (/proc/stat: user, nice, system,
     irq, softirq), or None where /proc does not tell."""
+    return _proc_stat_seconds((0, 1, 2, 5, 6))
+
+
+def _proc_stat_seconds(columns: tuple[int, ...]) -> float | None:
+    """The sum of /proc/stat's `columns` (0: user ... 4: iowait, 7: steal) over all cores, in
+    seconds since boot, or None where /proc does not tell."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")
+        return sum(int(fields[i]) for i in columns) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
