@@ -89,6 +89,10 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert 0 <= figures["emit_p50_ms"] <= figures["p50_ms"] and figures["emit_p99_ms"] <= figures["p99_ms"]
     # The raw pipe answered the same paced events through its echo.
     assert 0 < figures["raw_pipe_p50_ms"] <= figures["raw_pipe_p99_ms"]
+    # How long the broker took to acknowledge the paced events, on both sides.
+    for prefix in ("", "raw_pipe_"):
+        acked = figures[f"{prefix}produce_ack_p50_ms"], figures[f"{prefix}produce_ack_p99_ms"]
+        assert 0 <= acked[0] <= acked[1], (prefix, acked)
     # The latency phase's events' ages on their way through the worker (bucket bounds): each was
     # fetched before its batch started, so no quantile of the first can exceed the second's.
     ages = figures["event_age_p50_p99_ms_bounds"]
@@ -204,11 +208,15 @@ def test_loop_thread_cpu_reads_the_supervisors_child_main_thread() -> None:
 def test_latency_figures_are_quantiles_of_the_trace() -> None:
     from worker.bench import _latency_figures
 
-    # (sent, emitted, arrived): 100 answers, sent -> arrived of 1..100 ms, emitted halfway.
-    trace = [(10.0, 10.0 + n / 2000, 10.0 + n / 1000) for n in range(1, 101)]
+    # (sent, emitted, arrived, acknowledged): 100 answers, sent -> arrived of 1..100 ms, emitted
+    # halfway, acknowledged at a tenth.
+    trace = [(10.0, 10.0 + n / 2000, 10.0 + n / 1000, 10.0 + n / 10000) for n in range(1, 101)]
     figures = _latency_figures(trace)
-    assert figures == {"p50_ms": 51.0, "p99_ms": 100.0, "emit_p50_ms": 25.5, "emit_p99_ms": 50.0}
-    assert _latency_figures(trace, prefix="raw_pipe_") == {"raw_pipe_p50_ms": 51.0, "raw_pipe_p99_ms": 100.0}
+    assert figures == {"p50_ms": 51.0, "p99_ms": 100.0, "emit_p50_ms": 25.5, "emit_p99_ms": 50.0,
+                       "produce_ack_p50_ms": 5.1, "produce_ack_p99_ms": 10.0}
+    assert _latency_figures(trace, prefix="raw_pipe_") == {
+        "raw_pipe_p50_ms": 51.0, "raw_pipe_p99_ms": 100.0,
+        "raw_pipe_produce_ack_p50_ms": 5.1, "raw_pipe_produce_ack_p99_ms": 10.0}
 
 
 def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:

@@ -722,10 +722,11 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
 
 
 async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, rate: float, timeout: float,
-                       processes: list) -> list[tuple[float, float, float]]:
+                       processes: list) -> list[tuple[float, float, float, float]]:
     """Produce `paced` into `source` at `rate` while a read_committed consumer, already at the end of
-    `sink`, waits for each answer. Returns (sent, emitted, arrived) wall-clock seconds per event:
-    sent when handed to the producer, emitted from the answer's `emitted_ts`, arrived when fetched.
+    `sink`, waits for each answer. Returns (sent, emitted, arrived, acknowledged) wall-clock seconds
+    per event: sent when handed to the producer, emitted from the answer's `emitted_ts`, arrived
+    when fetched, acknowledged when the broker had the event (its send's future done).
 
     aiokafka on one event loop, as light as the pipe it measures: the kafka-python producer thread
     and consumer this phase used before added waits of their own to every figure (README, Speed).
@@ -741,7 +742,8 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
     await consumer.start()
     await producer.start()
     sent_at: dict[str, float] = {}
-    trace: list[tuple[float, float, float]] = []
+    acked_at: dict[str, float] = {}
+    answered: list[tuple[str, float, float]] = []  # (event id, emitted, arrived)
     sender = None
     try:
         tps = [TopicPartition(sink, p) for p in sorted(await producer.partitions_for(sink))]
@@ -752,21 +754,25 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
 
         async def send_all() -> None:
             async for key, event in paced_async(paced, rate):
-                sent_at[event["event_id"]] = time.time()
-                await producer.send(source, key=key, value=json.dumps(event).encode())
+                event_id = event["event_id"]
+                sent_at[event_id] = time.time()
+                delivered = await producer.send(source, key=key, value=json.dumps(event).encode())
+                delivered.add_done_callback(lambda _, event_id=event_id: acked_at.setdefault(event_id, time.time()))
             await producer.flush()
+            flushed = time.time()  # every send acknowledged by now (a callback not yet run: this bound)
+            for event_id in sent_at:
+                acked_at.setdefault(event_id, flushed)
 
         sender = asyncio.create_task(send_all())
         deadline = time.monotonic() + timeout
-        while len(trace) < len(paced) and time.monotonic() < deadline:
+        while len(answered) < len(paced) and time.monotonic() < deadline:
             fetched = await consumer.getmany(timeout_ms=100)
             arrived = time.time()
             for records in fetched.values():
                 for record in records:
                     answer = json.loads(record.value)
-                    sent = sent_at.get(answer.get("event_id"))
-                    if sent is not None:
-                        trace.append((sent, answer["emitted_ts"], arrived))
+                    if answer.get("event_id") in sent_at:
+                        answered.append((answer["event_id"], answer["emitted_ts"], arrived))
             if any(process.poll() is not None for process in processes):
                 raise RuntimeError("a process answering exited during the latency phase")
             if sender.done() and sender.exception() is not None:
@@ -777,9 +783,9 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
             sender.cancel()
         await producer.stop()
         await consumer.stop()
-    if len(trace) < len(paced):
-        raise RuntimeError(f"latency phase: {len(trace)} of {len(paced)} answers within {timeout}s")
-    return trace
+    if len(answered) < len(paced):
+        raise RuntimeError(f"latency phase: {len(answered)} of {len(paced)} answers within {timeout}s")
+    return [(sent_at[event_id], emitted, arrived, acked_at[event_id]) for event_id, emitted, arrived in answered]
 
 
 def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size: int, timeout: float):
@@ -837,17 +843,21 @@ async def _echo(settings: Settings, source: str, sink: str, size: int) -> None:
         await consumer.stop()
 
 
-def _latency_figures(trace: list[tuple[float, float, float]], prefix: str = "") -> dict:
-    """p50/p99 of sent -> arrived (and, with no prefix, of sent -> emitted), in milliseconds."""
+def _latency_figures(trace: list[tuple[float, float, float, float]], prefix: str = "") -> dict:
+    """p50/p99 of sent -> arrived, of sent -> acknowledged by the broker (the benchmark's producer
+    and the broker's share of the wait) and, with no prefix, of sent -> emitted, in milliseconds."""
 
     def percentile(values: list[float], q: float) -> float:
         values = sorted(values)
         return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
-    total = [arrived - sent for sent, _, arrived in trace]
-    figures = {f"{prefix}p50_ms": percentile(total, 0.50), f"{prefix}p99_ms": percentile(total, 0.99)}
+    total = [arrived - sent for sent, _, arrived, _ in trace]
+    acked = [acked - sent for sent, _, _, acked in trace]
+    figures = {f"{prefix}p50_ms": percentile(total, 0.50), f"{prefix}p99_ms": percentile(total, 0.99),
+               f"{prefix}produce_ack_p50_ms": percentile(acked, 0.50),
+               f"{prefix}produce_ack_p99_ms": percentile(acked, 0.99)}
     if not prefix:
-        emitted = [max(0.0, emitted - sent) for sent, emitted, _ in trace]
+        emitted = [max(0.0, emitted - sent) for sent, emitted, _, _ in trace]
         figures.update(emit_p50_ms=percentile(emitted, 0.50), emit_p99_ms=percentile(emitted, 0.99))
     return figures
 
