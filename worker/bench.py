@@ -214,12 +214,16 @@ MEMORY_PARTS = {
 }
 
 
+# /proc/stat's columns of a busy core: user, nice, system, irq, softirq.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6)
+
+
 def _counters(urls: list[str]) -> dict[str, float]:
     """The workers' cumulative counters that `_phase_figures` turns into a phase's figures, summed."""
     names = ("ksr_recommendations_total", "process_cpu_seconds_total", "ksr_batch_size_sum",
              "ksr_batch_size_count", *AGENT_PHASES.values())
     totals: dict[str, float] = {"monotonic": time.monotonic()}
-    for name, columns in (("machine_busy", (0, 1, 2, 5, 6)), ("machine_iowait", (4,)), ("machine_steal", (7,))):
+    for name, columns in (("machine_busy", _BUSY_COLUMNS), ("machine_iowait", (4,)), ("machine_steal", (7,))):
         seconds = _proc_stat_seconds(columns)
         if seconds is not None:
             totals[name] = seconds
@@ -262,9 +266,8 @@ def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
 
 
 def _machine_busy_seconds() -> float | None:
-    """CPU seconds this machine's cores have spent busy since boot (/proc/stat: user, nice, system,
-    irq, softirq), or None where /proc does not tell."""
-    return _proc_stat_seconds((0, 1, 2, 5, 6))
+    """CPU seconds this machine's cores have spent busy since boot, or None where /proc does not tell."""
+    return _proc_stat_seconds(_BUSY_COLUMNS)
 
 
 def _proc_stat_seconds(columns: tuple[int, ...]) -> float | None:
@@ -696,9 +699,9 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         "commit_p50_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.50)),
         "commit_p99_ms_bound": _ms(_bucket_quantile(commits_before, commits_after, 0.99)),
         "commits": _bucket_count(commits_before, commits_after),
-        # The worker's full garbage collections during the latency phase: each stops its event loop.
         # The workers' batches, CPU and agent phases over that phase (per answer), as the drain's above.
         "latency_phase": latency_phase,
+        # The worker's full garbage collections during the latency phase: each stops its event loop.
         "full_gc_collections": _bucket_count(full_gc_before, full_gc_after),
         "full_gc_pause_max_ms_bound": _ms(_bucket_quantile(full_gc_before, full_gc_after, 1.0)),
         "events": events,

@@ -275,7 +275,7 @@ class BatchProcessor:
         )
 
     def process(
-        self, batch: Sequence[Source], load: Callable[[str], StoredUser | None]
+        self, batch: Sequence[Source], load: Callable[[str, int], StoredUser | None]
     ) -> BatchResult:
         """Process a batch in order; `load(user_id, partition)` returns the user's stored state in
         the partition of its event (where its state is written), or None."""
