@@ -295,6 +295,74 @@ def test_a_serving_kernel_that_does_not_exist_is_refused(monkeypatch) -> None:
         Settings.from_env()
 
 
+def test_the_workers_consumer_fetches_with_the_configured_wait(monkeypatch, bootstrap) -> None:
+    """KSR_FETCH_MAX_WAIT_MS reaches the fetcher of the consumer Faust builds for the worker, where
+    faust-streaming fixes 1,500 ms; a bad value is refused."""
+    import asyncio
+
+    from model.bench import _synthetic_recommender
+    from worker.app import Worker
+    from worker.config import ConfigError, Settings
+
+    async def fetch_wait(worker: Worker) -> int:
+        consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
+        await consumer.start()  # builds the fetcher
+        try:
+            return consumer._fetcher._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.delenv("KSR_FETCH_MAX_WAIT_MS", raising=False)
+    assert asyncio.run(fetch_wait(Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2))) == 50
+    monkeypatch.setenv("KSR_FETCH_MAX_WAIT_MS", "1500")
+    assert asyncio.run(fetch_wait(Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2))) == 1500
+    for bad in ("0", "-1", "30001", "soon"):
+        monkeypatch.setenv("KSR_FETCH_MAX_WAIT_MS", bad)
+        with pytest.raises(ConfigError, match="KSR_FETCH_MAX_WAIT_MS must be a positive integer of at most 30000"):
+            Settings.from_env()
+
+
+def test_the_workers_fetches_are_traced_when_asked(monkeypatch, bootstrap, tmp_path) -> None:
+    """KSR_TRACE_FETCHES=PATH: the worker's consumer writes a line per fetch to PATH.PID, with the
+    partitions and offsets it asked for and whether records came back."""
+    import asyncio
+    import os
+
+    from aiokafka import TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from model.bench import _synthetic_recommender
+    from worker.app import Worker
+    from worker.config import Settings
+
+    topic = f"trace-{time.time_ns()}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        admin.close()
+    produce(bootstrap, topic, [(b"u1", b"first"), (b"u1", b"second")])
+
+    async def fetch_the_second(worker: Worker) -> list:
+        consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(topic, 0)])
+            consumer.seek(TopicPartition(topic, 0), 1)
+            return [(await consumer.getone()).value]
+        finally:
+            await consumer.stop()
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("KSR_TRACE_FETCHES", str(tmp_path / "fetches"))
+    assert asyncio.run(fetch_the_second(Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2))) == [b"second"]
+    lines = [json.loads(line) for line in (tmp_path / f"fetches.{os.getpid()}").read_text().splitlines()]
+    brought = [line for line in lines if line["records"]]
+    assert brought and brought[0]["fetched"] == [f"{topic}:0@1"]
+    assert all(line["ms"] >= 0 and line["t"] > 0 for line in lines)
+
+
 def committed_count(bootstrap: str, topic: str, seconds: float) -> int:
     """How many messages of `topic` a read_committed consumer reads in `seconds`."""
     from kafka import KafkaConsumer

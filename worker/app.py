@@ -123,6 +123,84 @@ def ask_broker_for_highwaters(settings: Settings) -> None:
     thread_cls._highwaters = _highwaters
 
 
+def configure_worker_consumer() -> None:
+    """Make the consumer Faust builds for a worker wait at most the app's KSR_FETCH_MAX_WAIT_MS
+    for a fetch, where faust-streaming 0.15 fixes aiokafka's `fetch_max_wait_ms` at 1,500 ms.
+
+    aiokafka keeps one fetch in flight per broker. A partition whose fetched records have waited
+    in its buffer longer than its prefetch backoff (100 ms) is left out of the next fetch, and once
+    the worker takes those records it is fetched again only when the fetch in flight returns. If
+    every busy partition is left out, that fetch holds only partitions with nothing to read, such as
+    Faust's `__assignor-__leader` topic, which the worker always consumes and nobody writes, and
+    the broker keeps it for the whole wait: the events of the busy partitions wait with it. A trace
+    of the worker's fetches in a benchmark run at a million users (docs/speed.md, At scale) showed
+    exactly that: a fetch of `__assignor-__leader` alone, held 1.50 s while the events of all four
+    input partitions waited, and the latency phase's p99 at 1,845 ms. The wait bounds that hold-up;
+    an idle worker sends a fetch per wait. With KSR_TRACE_FETCHES set, the consumer also traces its
+    fetches (trace_fetches). Faust-streaming and aiokafka are pinned; tests/test_worker.py checks
+    that both reach the consumer's fetcher.
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    thread_cls = driver.AIOKafkaConsumerThread
+    if getattr(thread_cls, "_ksr_caps_fetch_wait", False):
+        return
+    create = thread_cls._create_worker_consumer
+
+    def _create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        wait = getattr(self.app, "_ksr_fetch_max_wait_ms", None)
+        if wait is not None:
+            # Read by the consumer's start, which builds its fetcher with it.
+            consumer._fetch_max_wait_ms = wait
+        trace = getattr(self.app, "_ksr_trace_fetches", None)
+        if trace:
+            trace_fetches(consumer, trace)
+        return consumer
+
+    thread_cls._create_worker_consumer = _create_worker_consumer
+    thread_cls._ksr_caps_fetch_wait = True
+
+
+def trace_fetches(consumer, path: str) -> None:
+    """Write one JSON line per fetch of `consumer` (an aiokafka consumer, not yet started) to
+    `path`.PID: when it was sent (`t`, epoch seconds), how long the broker took to answer (`ms`),
+    whether it brought records (`records`) and the partitions it asked for, each `topic:partition@offset`
+    (`fetched`). KSR_TRACE_FETCHES=PATH turns it on in the worker; a fetch held for the whole
+    KSR_FETCH_MAX_WAIT_MS with none of the busy partitions in it is the hold-up that setting
+    bounds (configure_worker_consumer). A diagnostic: it costs a write per fetch."""
+    start = consumer.start
+
+    async def start_traced():
+        await start()
+        fetcher = consumer._fetcher
+        proc = fetcher._proc_fetch_request
+        # A diagnostic: opened once, before the first fetch; closed by stop.
+        out = open(f"{path}.{os.getpid()}", "a", buffering=1)  # noqa: SIM115, ASYNC230
+
+        async def traced(assignment, node_id, request):
+            sent = time.time()
+            brought = await proc(assignment, node_id, request)
+            asked = [f"{topic}:{partition}@{offset}" for topic, partitions in request.topics
+                     for partition, offset, _ in partitions]
+            out.write(json.dumps({"t": round(sent, 4), "ms": round((time.time() - sent) * 1000, 2),
+                                  "records": bool(brought), "fetched": asked}) + "\n")
+            return brought
+
+        fetcher._proc_fetch_request = traced
+        stop = consumer.stop
+
+        async def stop_traced():
+            try:
+                await stop()
+            finally:
+                out.close()
+
+        consumer.stop = stop_traced
+
+    consumer.start = start_traced
+
+
 class _GateHold:
     """One commit's hold on the batch gate, released at most once (early, by
     Worker._commit_transactions, or when the commit ends)."""
@@ -145,6 +223,7 @@ class Worker:
     def __init__(self, settings: Settings, recommender: Recommender, partitions: int) -> None:
         self.settings = settings
         ask_broker_for_highwaters(settings)
+        configure_worker_consumer()
         self.ledger = OffsetLedger()
         self.offsets = BrokerOffsets(settings.bootstrap_servers, settings.app_id, aiokafka_security(settings))
         self.processor = BatchProcessor(
@@ -180,6 +259,9 @@ class Worker:
             producer_max_batch_size=256 * 1024,
             consumer_max_fetch_size=max(1024 * 1024, 4 * settings.max_event_bytes),
         )
+        # Read by configure_worker_consumer's wrapper when Faust builds this app's consumer.
+        self.app._ksr_fetch_max_wait_ms = settings.fetch_max_wait_ms
+        self.app._ksr_trace_fetches = os.environ.get("KSR_TRACE_FETCHES") or None
         if settings.processing_guarantee == "exactly_once":
             # Wrapped before Faust creates its producer (at start), so before any transaction.
             new_producer = self.app._new_producer
