@@ -190,6 +190,22 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_counts_add_up(stream, re
     assert after["ksr_batch_size_count"] >= 1
 
 
+def test_the_worker_has_no_leader_election_topic(stream, replayed, bootstrap) -> None:
+    """Faust's leader election topic is off: nothing runs on the leader only, and its one
+    partition, which nobody writes, held the worker's fetches back (configure_worker_consumer)."""
+    from kafka import KafkaAdminClient
+
+    env, _ = stream
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        topics = set(admin.list_topics())
+    finally:
+        admin.close()
+    mine = {topic for topic in topics if topic.startswith(env["KSR_APP_ID"])}
+    assert f"{env['KSR_APP_ID']}-user-state-changelog" in mine  # the worker's own topics are there
+    assert f"{env['KSR_APP_ID']}-__assignor-__leader" not in mine
+
+
 def test_metrics_endpoint_serves_the_documented_metrics(stream, replayed) -> None:
     _, worker = stream
     samples = scrape(worker.metrics_url)

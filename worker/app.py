@@ -130,13 +130,14 @@ def configure_worker_consumer() -> None:
     aiokafka keeps one fetch in flight per broker. A partition whose fetched records have waited
     in its buffer longer than its prefetch backoff (100 ms) is left out of the next fetch, and once
     the worker takes those records it is fetched again only when the fetch in flight returns. If
-    every busy partition is left out, that fetch holds only partitions with nothing to read, such as
-    Faust's `__assignor-__leader` topic, which the worker always consumes and nobody writes, and
+    every busy partition is left out, that fetch holds only partitions with nothing to read, and
     the broker keeps it for the whole wait: the events of the busy partitions wait with it. A trace
     of the worker's fetches in a benchmark run at a million users (docs/speed.md, At scale) showed
-    exactly that: a fetch of `__assignor-__leader` alone, held 1.50 s while the events of all four
-    input partitions waited, and the latency phase's p99 at 1,845 ms. The wait bounds that hold-up;
-    an idle worker sends a fetch per wait. With KSR_TRACE_FETCHES set, the consumer also traces its
+    exactly that: a fetch of Faust's leader election partition (`__assignor-__leader`, which nobody
+    writes) alone, held 1.50 s while the events of all four input partitions waited, and the
+    latency phase's p99 at 1,804 ms. The worker no longer has that topic (`topic_disable_leader`),
+    but a quiet input partition, or a standby's changelog, can take its place: the wait bounds the
+    hold-up; an idle worker sends a fetch per wait. With KSR_TRACE_FETCHES set, the consumer also traces its
     fetches (trace_fetches). Faust-streaming and aiokafka are pinned; tests/test_worker.py checks
     that both reach the consumer's fetcher.
     """
@@ -258,6 +259,10 @@ class Worker:
             # 256 KiB holds a 256-event batch's answers in one request.
             producer_max_batch_size=256 * 1024,
             consumer_max_fetch_size=max(1024 * 1024, 4 * settings.max_event_bytes),
+            # No leader election topic: nothing here runs on the leader only, and its one partition,
+            # which nobody writes, was fetched alone and held for the whole fetch wait while the
+            # input's records waited (configure_worker_consumer).
+            topic_disable_leader=True,
         )
         # Read by configure_worker_consumer's wrapper when Faust builds this app's consumer.
         self.app._ksr_fetch_max_wait_ms = settings.fetch_max_wait_ms
