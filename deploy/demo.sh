@@ -72,6 +72,11 @@ done
 echo
 echo "Latest recommendations (topic: recommendations):"
 $ksr tail -n 5
+# The state gauges are sampled every 10 s: wait (at most 12 s) for a sample taken after the events.
+for _ in $(seq 12); do
+  curl -s "http://127.0.0.1:$KSR_METRICS_PORT/metrics" | awk '/^ksr_users_in_state / && $2 > 0 {f = 1} END {exit !f}' && break
+  sleep 1
+done
 echo
 echo "Metrics: http://127.0.0.1:$KSR_METRICS_PORT/metrics"
 curl -s "http://127.0.0.1:$KSR_METRICS_PORT/metrics" | grep -E '^ksr_(events_total|recommendations_total|users_in_state|model_version|event_to_recommendation_seconds_(count|sum))\b'
