@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -311,6 +312,18 @@ def test_a_serving_kernel_that_does_not_exist_is_refused(monkeypatch) -> None:
         Settings.from_env()
 
 
+@contextlib.asynccontextmanager
+async def started_worker_consumer(worker):
+    """The consumer Faust builds for `worker` (as its consumer thread does), started, so its
+    fetcher exists; stopped on the way out."""
+    consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
 def test_the_workers_consumer_fetches_with_the_configured_wait(monkeypatch, bootstrap) -> None:
     """KSR_FETCH_MAX_WAIT_MS reaches the fetcher of the consumer Faust builds for the worker, where
     faust-streaming fixes 1,500 ms; a bad value is refused."""
@@ -321,12 +334,8 @@ def test_the_workers_consumer_fetches_with_the_configured_wait(monkeypatch, boot
     from worker.config import ConfigError, Settings
 
     async def fetch_wait(worker: Worker) -> int:
-        consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
-        await consumer.start()  # builds the fetcher
-        try:
+        async with started_worker_consumer(worker) as consumer:
             return consumer._fetcher._fetch_max_wait_ms
-        finally:
-            await consumer.stop()
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.delenv("KSR_FETCH_MAX_WAIT_MS", raising=False)
@@ -361,14 +370,10 @@ def test_the_workers_fetches_are_traced_when_asked(monkeypatch, bootstrap, tmp_p
     produce(bootstrap, topic, [(b"u1", b"first"), (b"u1", b"second")])
 
     async def fetch_the_second(worker: Worker) -> list:
-        consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
-        await consumer.start()
-        try:
+        async with started_worker_consumer(worker) as consumer:
             consumer.assign([TopicPartition(topic, 0)])
             consumer.seek(TopicPartition(topic, 0), 1)
             return [(await consumer.getone()).value]
-        finally:
-            await consumer.stop()
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("KSR_TRACE_FETCHES", str(tmp_path / "fetches"))

@@ -137,14 +137,14 @@ def configure_worker_consumer() -> None:
     writes) alone, held 1.50 s while the events of all four input partitions waited, and the
     latency phase's p99 at 1,804 ms. The worker no longer has that topic (`topic_disable_leader`),
     but a quiet input partition, or a standby's changelog, can take its place: the wait bounds the
-    hold-up; an idle worker sends a fetch per wait. With KSR_TRACE_FETCHES set, the consumer also traces its
-    fetches (trace_fetches). Faust-streaming and aiokafka are pinned; tests/test_worker.py checks
-    that both reach the consumer's fetcher.
+    hold-up; an idle worker sends a fetch per wait. With KSR_TRACE_FETCHES set, the consumer also
+    traces its fetches (trace_fetches). Faust-streaming and aiokafka are pinned;
+    tests/test_worker.py checks that both reach the consumer's fetcher.
     """
     from faust.transport.drivers import aiokafka as driver
 
     thread_cls = driver.AIOKafkaConsumerThread
-    if getattr(thread_cls, "_ksr_caps_fetch_wait", False):
+    if getattr(thread_cls, "_ksr_worker_consumer_configured", False):
         return
     create = thread_cls._create_worker_consumer
 
@@ -160,7 +160,7 @@ def configure_worker_consumer() -> None:
         return consumer
 
     thread_cls._create_worker_consumer = _create_worker_consumer
-    thread_cls._ksr_caps_fetch_wait = True
+    thread_cls._ksr_worker_consumer_configured = True
 
 
 def trace_fetches(consumer, path: str) -> None:
