@@ -35,6 +35,9 @@ import numpy as np
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # The floor of int32 scores (`heap_top_k_unseen_int`): below every product of two int8 vectors.
 INT32_MIN = np.iinfo(np.int32).min
+# Entries per chunk of `heap_top_k_unseen_int`'s vectorised test: of 32, 64, 128 and 256, 64 was the fastest at
+# 100,000 items (a script not in the repo, so indicative; the effect of the chunks: docs/speed.md).
+HEAP_SCAN_CHUNK = 64
 
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-TANH_CLAMP, TANH_CLAMP], where float32 tanh is within 3e-7 of +-1.
 TANH_CLAMP = np.float32(7.90531110763549805)
@@ -200,7 +203,12 @@ def heap_top_k_unseen_int(scores, offset, seen_starts, seen_items, heap, heap_it
     and the row's seen items as `merge_top_k_unseen` does (overwritten with INT32_MIN in `scores`).
     An entry enters only above the heap's smallest, in log(k) steps: the candidates are many (48 or
     more) and ranked again afterwards, so the sorted insertion of `merge_top_k_unseen`, k steps
-    each, would cost more than the comparisons."""
+    each, would cost more than the comparisons.
+
+    Once the heap is full, almost no entry enters it, so the row is read HEAP_SCAN_CHUNK entries at
+    a time: first whether any is above the heap's smallest, a loop the compiler vectorises (the
+    slice starts its own index at 0, which spares the loop numba's check for negative indices), then
+    the entry-by-entry pass only over a chunk that has one."""
     batch, n = scores.shape
     k = heap.shape[1]
     for b in range(batch):
@@ -214,21 +222,28 @@ def heap_top_k_unseen_int(scores, offset, seen_starts, seen_items, heap, heap_it
         values = heap[b]
         items = heap_items[b]
         threshold = values[0]
-        for j in range(n):
-            value = row[j]
-            if value > threshold:
-                at = 0  # the smallest leaves; the new entry sinks from the root to its place
-                while True:
-                    child = 2 * at + 1
-                    if child >= k:
-                        break
-                    if child + 1 < k and values[child + 1] < values[child]:
-                        child += 1
-                    if values[child] >= value:
-                        break
-                    values[at] = values[child]
-                    items[at] = items[child]
-                    at = child
-                values[at] = value
-                items[at] = offset + j
-                threshold = values[0]
+        for start in range(0, n, HEAP_SCAN_CHUNK):
+            chunk = row[start : start + HEAP_SCAN_CHUNK]
+            above = False
+            for j in range(chunk.shape[0]):
+                above |= chunk[j] > threshold
+            if not above:
+                continue
+            for j in range(chunk.shape[0]):
+                value = chunk[j]
+                if value > threshold:
+                    at = 0  # the smallest leaves; the new entry sinks from the root to its place
+                    while True:
+                        child = 2 * at + 1
+                        if child >= k:
+                            break
+                        if child + 1 < k and values[child + 1] < values[child]:
+                            child += 1
+                        if values[child] >= value:
+                            break
+                        values[at] = values[child]
+                        items[at] = items[child]
+                        at = child
+                    values[at] = value
+                    items[at] = offset + start + j
+                    threshold = values[0]
