@@ -154,6 +154,8 @@ def warm() -> None:
                        np.zeros((1, 1), f32), np.zeros((1, 1), np.int64))
     heap_top_k_unseen_int(np.zeros((1, 2), np.int32), 2, np.zeros(2, np.int64), np.zeros(0, np.int64),
                           np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int64))
+    rank_candidates(np.zeros((2, 1), f32), np.zeros((1, 1), f32), np.zeros((1, 1), np.int32),
+                    np.ones((1, 1), np.int64), np.full((1, 1), -np.inf, f32), np.zeros((1, 1), np.int64))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -247,3 +249,37 @@ def heap_top_k_unseen_int(scores, offset, seen_starts, seen_items, heap, heap_it
                     values[at] = value
                     items[at] = offset + start + j
                     threshold = values[0]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def rank_candidates(item_vectors, user_vectors, heap, heap_items, top_scores, top_items):
+    """Score each row's candidates from `heap_top_k_unseen_int` (`heap`, `heap_items`, (B, W); an
+    entry still at INT32_MIN holds no item) in float32, item_vectors[item] . user_vectors[b], and
+    keep the best k of them (`top_scores`, `top_items`, (B, k), best first; start them at -inf and
+    0): of equal scores the lower item first. A row with fewer than k candidates ends in -inf scores
+    (item 0). One pass per row, reading the candidates' vectors where they lie, instead of gathering
+    a (B, W, D) copy of them and sorting twice (`model/ranking_int8.py`)."""
+    batch, width = heap.shape
+    k = top_scores.shape[1]
+    dim = user_vectors.shape[1]
+    for b in range(batch):
+        user = user_vectors[b]
+        best = top_scores[b]
+        items = top_items[b]
+        for w in range(width):
+            if heap[b, w] == INT32_MIN:
+                continue
+            item = heap_items[b, w]
+            vector = item_vectors[item]
+            value = np.float32(0.0)
+            for d in range(dim):
+                value += vector[d] * user[d]
+            if not (value > best[k - 1] or (value == best[k - 1] and item < items[k - 1])):
+                continue
+            at = k - 1
+            while at > 0 and (best[at - 1] < value or (best[at - 1] == value and items[at - 1] > item)):
+                best[at] = best[at - 1]
+                items[at] = items[at - 1]
+                at -= 1
+            best[at] = value
+            items[at] = item

@@ -60,6 +60,7 @@ class Int8Catalog:
         self.scale = peak / 127 if peak > 0 else 1.0
         quantized = torch.round(item_vectors / self.scale).to(torch.int8)
         self.item_vectors = item_vectors
+        self.item_vectors_array = np.ascontiguousarray(item_vectors.detach().numpy())  # the same memory when contiguous
         self.block_items = block_items
         # (D, block) each, contiguous: `torch._int_mm(users, block)` reads them as they lie.
         self.blocks = [quantized[s : s + block_items].T.contiguous() for s in range(0, len(quantized), block_items)]
@@ -105,15 +106,11 @@ class Int8Catalog:
             kernels.heap_top_k_unseen_int(scores.numpy(), number * self.block_items, seen_starts,
                                           seen_items, best, best_items)
         # The candidates scored again in float32, ranked by score, then lower item first.
-        items = torch.from_numpy(best_items)
-        kept = torch.from_numpy(best != kernels.INT32_MIN)
-        exact = torch.bmm(self.item_vectors[items], user_vectors.unsqueeze(-1)).squeeze(-1)
-        exact = exact.masked_fill(~kept, float("-inf"))
-        by_item = torch.argsort(items, dim=1, stable=True)
-        items, exact = torch.gather(items, 1, by_item), torch.gather(exact, 1, by_item)
-        order = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
-        top_scores, top_items = torch.gather(exact, 1, order), torch.gather(items, 1, order)
-        top_items = top_items.masked_fill(top_scores == float("-inf"), 0)
+        top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
+        top_items = np.zeros((batch, k), dtype=np.int64)
+        kernels.rank_candidates(self.item_vectors_array, np.ascontiguousarray(user_vectors.numpy()), best,
+                                best_items, top_scores, top_items)
+        top_scores, top_items = torch.from_numpy(top_scores), torch.from_numpy(top_items)
         # The certificate, in float64 on (B,) values.
         last = torch.from_numpy(best[:, 0].astype(np.float64))  # each heap's smallest
         kth = top_scores[:, -1].double()

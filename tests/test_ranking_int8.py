@@ -181,3 +181,32 @@ def test_the_heap_kernel_keeps_each_rows_best_unseen_items_block_by_block() -> N
         assert set(heap_items[row].tolist()) == set(expected.tolist())
         assert heap[row, 0] == heap[row].min() == scores[row, expected].min()  # the smallest at the root
         assert sorted(heap[row].tolist()) == sorted(scores[row, heap_items[row]].tolist())
+
+
+def test_the_candidates_are_ranked_by_float_score_then_lower_item_and_empty_entries_are_skipped() -> None:
+    """`kernels.rank_candidates`, which ranks the heap's candidates again: integer vectors, so the
+    float32 scores are exact whatever the order of summation; items 3 and 7 have the same vector, so
+    they tie, and the lower ranks first whichever comes first in the heap; entries still at INT32_MIN
+    hold no item, and a row with fewer candidates than k ends in -inf and item 0."""
+    from model import kernels
+
+    rng = np.random.default_rng(3)
+    vectors = rng.integers(-4, 5, (10, 6)).astype(np.float32)
+    vectors[7] = vectors[3]
+    users = rng.integers(-4, 5, (2, 6)).astype(np.float32)
+    users[0] = vectors[3]  # items 3 and 7 are row 0's best: the tie is at the top
+    empty = kernels.INT32_MIN
+    heap = np.array([[5, empty, 9, 1, 4, 2, 8, empty], [3, empty, 1, empty, empty, empty, empty, empty]], np.int32)
+    heap_items = np.array([[7, 0, 3, 1, 9, 2, 5, 0], [4, 0, 6, 0, 0, 0, 0, 0]], np.int64)
+    k = 3
+    top_scores = np.full((2, k), -np.inf, np.float32)
+    top_items = np.zeros((2, k), np.int64)
+    kernels.rank_candidates(vectors, users, heap, heap_items, top_scores, top_items)
+    for row in range(2):
+        kept = [int(i) for v, i in zip(heap[row], heap_items[row]) if v != empty]
+        exact = {i: float(vectors[i].astype(np.float64) @ users[row].astype(np.float64)) for i in kept}
+        expected = sorted(kept, key=lambda i: (-exact[i], i))[:k]
+        assert top_items[row, : len(expected)].tolist() == expected
+        assert top_scores[row, : len(expected)].tolist() == [exact[i] for i in expected]
+    assert top_items[0, :2].tolist() == [3, 7]
+    assert top_scores[1, 2] == -np.inf and top_items[1, 2] == 0
