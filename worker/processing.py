@@ -402,12 +402,19 @@ class BatchProcessor:
     def _recompute(self, users: dict[str, StoredUser], stale: list[str]) -> None:
         """Rebuild GRU state and memory from the stored last-N items under the current model."""
         state = self.recommender.replay([users[u].history for u in stale])
-        for row, user_id in enumerate(stale):
-            user = users[user_id]
-            user.hidden = state.hidden[row].numpy()
-            user.memory_values = state.memory_values[row].numpy()
-            user.evidence = state.evidence[row].numpy()
-            user.model_version = self.recommender.version
+        self._take_rows(state, [users[u] for u in stale])
+
+    def _take_rows(self, state: UserState, users: list[StoredUser]) -> None:
+        """Give each user its row of a batch's states, under the current model. The arrays are
+        converted once and each user holds views of its rows: a tensor's row and its conversion,
+        three per user, cost about as much as the forward itself when every event is a new user's."""
+        hidden, memory_values, evidence = state.hidden.numpy(), state.memory_values.numpy(), state.evidence.numpy()
+        version = self.recommender.version
+        for row, user in enumerate(users):
+            user.hidden = hidden[row]
+            user.memory_values = memory_values[row]
+            user.evidence = evidence[row]
+            user.model_version = version
 
     def _run(
         self,
@@ -440,15 +447,7 @@ class BatchProcessor:
         )
         result.step_seconds += time.perf_counter() - started
         result.rounds += steps
-        # Rows of the batch's arrays, converted once: a tensor's row and its conversion, three per
-        # user, cost about as much as the forward itself when every event is a new user's.
-        hidden, memory_values, evidence = final.hidden.numpy(), final.memory_values.numpy(), final.evidence.numpy()
-        version = self.recommender.version
-        for row, user in enumerate(stored):
-            user.hidden = hidden[row]
-            user.memory_values = memory_values[row]
-            user.evidence = evidence[row]
-            user.model_version = version
+        self._take_rows(final, stored)
         cells_t = torch.from_numpy(cells)
         self._emit(
             emitted,
