@@ -16,7 +16,8 @@ held (`test_the_kernel_tanh_is_within_4e_7_of_tanh`).
 
 `merge_top_k_unseen` ranks the catalog block by block (ml-100k's is one block), one pass per row
 that skips the seen items as it goes (`Recommender._top_k`); `heap_top_k_unseen_int` does the same
-for int8 products' int32 scores, keeping many candidates unordered (`model/ranking_int8.py`).
+for int8 products' int32 scores, keeping many candidates unordered, and `rank_candidates` scores
+those candidates again in float32 and ranks them (`model/ranking_int8.py`).
 
 numba compiles these once per checkout (a few seconds) and caches them next to this file;
 `warm()` does it before the worker's first batch. Only the serving path imports this module.
