@@ -348,6 +348,24 @@ def test_the_workers_consumer_fetches_with_the_configured_wait(monkeypatch, boot
             Settings.from_env()
 
 
+def test_the_standby_replicas_reach_faust_s_partition_assignor(monkeypatch, bootstrap) -> None:
+    """KSR_STANDBY_REPLICAS sets how many standby copies of each partition's table the assignor
+    hands out (Faust's default, 1, when unset); a value outside 0-3 is refused."""
+    from model.bench import _synthetic_recommender
+    from worker.app import Worker
+    from worker.config import ConfigError, Settings
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.delenv("KSR_STANDBY_REPLICAS", raising=False)
+    assert Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2).app.assignor.replicas == 1
+    monkeypatch.setenv("KSR_STANDBY_REPLICAS", "0")
+    assert Worker(Settings.from_env(), _synthetic_recommender(20, 3), 2).app.assignor.replicas == 0
+    for bad in ("-1", "4", "none"):
+        monkeypatch.setenv("KSR_STANDBY_REPLICAS", bad)
+        with pytest.raises(ConfigError, match="KSR_STANDBY_REPLICAS must be one of 0, 1, 2, 3"):
+            Settings.from_env()
+
+
 def test_the_workers_fetches_are_traced_when_asked(monkeypatch, bootstrap, tmp_path) -> None:
     """KSR_TRACE_FETCHES=PATH: the worker's consumer writes a line per fetch to PATH.PID, with the
     partitions and offsets it asked for and whether records came back."""

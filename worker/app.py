@@ -263,6 +263,9 @@ class Worker:
             # which nobody writes, was fetched alone and held for the whole fetch wait while the
             # input's records waited (configure_worker_consumer).
             topic_disable_leader=True,
+            # Standby copies of other workers' partitions (Faust's default, 1): a takeover has little
+            # to restore, but every state another worker writes is read and written here as well.
+            table_standby_replicas=settings.standby_replicas,
         )
         # Read by configure_worker_consumer's wrapper when Faust builds this app's consumer.
         self.app._ksr_fetch_max_wait_ms = settings.fetch_max_wait_ms

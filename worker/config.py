@@ -96,6 +96,7 @@ class Settings:
     commit_timeout_s: float
     txn_retry_backoff_ms: int
     fetch_max_wait_ms: int
+    standby_replicas: int
     start_timeout_s: float
     stall_timeout_s: float
     session_timeout_s: float
@@ -138,6 +139,7 @@ class Settings:
             commit_timeout_s=_positive_float("KSR_COMMIT_TIMEOUT_S", 120.0),
             txn_retry_backoff_ms=_positive_int("KSR_TXN_RETRY_BACKOFF_MS", 5),
             fetch_max_wait_ms=_positive_int("KSR_FETCH_MAX_WAIT_MS", 50, maximum=30000),
+            standby_replicas=int(_choice("KSR_STANDBY_REPLICAS", "1", ("0", "1", "2", "3"))),
             start_timeout_s=_positive_float("KSR_START_TIMEOUT_S", 120.0),
             stall_timeout_s=_positive_float("KSR_STALL_TIMEOUT_S", 60.0),
             session_timeout_s=_positive_float("KSR_SESSION_TIMEOUT_S", 10.0),
