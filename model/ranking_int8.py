@@ -59,8 +59,8 @@ class Int8Catalog:
             raise ValueError("the item vectors hold NaN or infinite values")
         self.scale = peak / 127 if peak > 0 else 1.0
         quantized = torch.round(item_vectors / self.scale).to(torch.int8)
-        self.item_vectors = item_vectors
-        self.item_vectors_array = np.ascontiguousarray(item_vectors.detach().numpy())  # the same memory when contiguous
+        # The float32 vectors, for the candidates' exact scores (the same memory when contiguous).
+        self.item_vectors = np.ascontiguousarray(item_vectors.detach().numpy())
         self.block_items = block_items
         # (D, block) each, contiguous: `torch._int_mm(users, block)` reads them as they lie.
         self.blocks = [quantized[s : s + block_items].T.contiguous() for s in range(0, len(quantized), block_items)]
@@ -108,7 +108,7 @@ class Int8Catalog:
         # The candidates scored again in float32, ranked by score, then lower item first.
         top_scores = np.full((batch, k), -np.inf, dtype=np.float32)
         top_items = np.zeros((batch, k), dtype=np.int64)
-        kernels.rank_candidates(self.item_vectors_array, np.ascontiguousarray(user_vectors.numpy()), best,
+        kernels.rank_candidates(self.item_vectors, np.ascontiguousarray(user_vectors.numpy()), best,
                                 best_items, top_scores, top_items)
         top_scores, top_items = torch.from_numpy(top_scores), torch.from_numpy(top_items)
         # The certificate, in float64 on (B,) values.
