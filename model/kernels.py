@@ -159,6 +159,19 @@ def warm() -> None:
                     np.ones((1, 1), np.int64), np.full((1, 1), -np.inf, f32), np.zeros((1, 1), np.int64))
 
 
+@numba.njit(cache=True, inline="always")
+def insert_sorted(best, items, value, item) -> None:
+    """Put `item` with score `value` into a row's top-k (`best`, `items`, best first), dropping the
+    last; of equal scores the lower item first. The caller has checked that it belongs there."""
+    at = best.shape[0] - 1
+    while at > 0 and (best[at - 1] < value or (best[at - 1] == value and items[at - 1] > item)):
+        best[at] = best[at - 1]
+        items[at] = items[at - 1]
+        at -= 1
+    best[at] = value
+    items[at] = item
+
+
 @numba.njit(cache=True, nogil=True)
 def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_items):
     """Fold a block of scores (B, n), items `offset` to `offset + n - 1`, into each row's running
@@ -188,13 +201,7 @@ def merge_top_k_unseen(scores, offset, seen_starts, seen_items, top_scores, top_
         for j in range(n):
             value = row[j]
             if value > threshold:
-                at = k - 1
-                while at > 0 and best[at - 1] < value:
-                    best[at] = best[at - 1]
-                    items[at] = items[at - 1]
-                    at -= 1
-                best[at] = value
-                items[at] = offset + j
+                insert_sorted(best, items, value, offset + j)
                 threshold = best[k - 1]
 
 
@@ -275,12 +282,5 @@ def rank_candidates(item_vectors, user_vectors, heap, heap_items, top_scores, to
             value = np.float32(0.0)
             for d in range(dim):
                 value += vector[d] * user[d]
-            if not (value > best[k - 1] or (value == best[k - 1] and item < items[k - 1])):
-                continue
-            at = k - 1
-            while at > 0 and (best[at - 1] < value or (best[at - 1] == value and items[at - 1] > item)):
-                best[at] = best[at - 1]
-                items[at] = items[at - 1]
-                at -= 1
-            best[at] = value
-            items[at] = item
+            if value > best[k - 1] or (value == best[k - 1] and item < items[k - 1]):
+                insert_sorted(best, items, value, item)
