@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import KSR, REPO
 
+from worker.broker import local_broker_pid
 from worker.metrics import ROCKSDB_MEMORY
 
 
@@ -126,6 +127,15 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert phase["seconds"] > 0 and phase["cpu_ms_per_event"] > 0 and phase["agent_ms_per_event"]["process"] > 0
     assert all(phase[name] is not None and phase[name] >= 0
                for name in ("machine_cores_busy", "machine_cores_iowait", "machine_cores_stolen")), phase
+    # Each process's cores over the phase; the broker's where it is this machine's.
+    local = local_broker_pid(bootstrap) is not None
+    assert set(phase["cores_by_process"]) == {"workers", "benchmark"} | ({"broker"} if local else set()), phase
+    assert phase["cores_by_process"]["workers"] > 0 and phase["cores_by_process"]["benchmark"] > 0, phase
+    raw = figures["raw_pipe_latency_phase"]
+    assert set(raw["cores_by_process"]) == {"echo", "benchmark"} | ({"broker"} if local else set()), raw
+    assert raw["cores_by_process"]["echo"] > 0 and raw["seconds"] > 0 and raw["machine_cores_busy"] > 0, raw
+    if local:
+        assert phase["cores_by_process"]["broker"] > 0 and raw["cores_by_process"]["broker"] > 0
     # The run deleted its topics (its inputs, outputs and the workers' changelogs) when it ended.
     assert _bench_topics(bootstrap) <= topics_before, _bench_topics(bootstrap) - topics_before
 
@@ -300,6 +310,7 @@ def test_phase_figures_are_the_counters_differences_per_answer() -> None:
         return {"ksr_recommendations_total": answers, "process_cpu_seconds_total": cpu,
                 "ksr_batch_size_sum": events, "ksr_batch_size_count": batches, "monotonic": at,
                 "machine_busy": busy, "machine_iowait": busy / 10, "machine_steal": busy / 50,
+                "cpu:benchmark": busy / 4, "cpu:broker": busy / 5,
                 **{name: 0.0 for name in AGENT_PHASES.values()},
                 AGENT_PHASES["process"]: process, AGENT_PHASES["idle"]: idle}
 
@@ -312,6 +323,8 @@ def test_phase_figures_are_the_counters_differences_per_answer() -> None:
     assert figures["cpu_ms_per_event"] == pytest.approx(0.3)
     assert figures["agent_ms_per_event"]["process"] == pytest.approx(0.2)
     assert figures["agent_ms_per_event"]["idle"] == pytest.approx(0.4)
+    # Each process's cores: the workers' CPU (0.9 s) and the others' over the 2 s.
+    assert figures["cores_by_process"] == pytest.approx({"workers": 0.45, "benchmark": 0.375, "broker": 0.3}, abs=0.006)
     # Nothing answered (a worker whose page did not answer): no per-answer figures, no division by zero.
     quiet = _phase_figures(counters(1000, 10.0, 1000, 10, 1.0, 5.0, 100.0, 50.0),
                            counters(1000, 10.0, 1000, 10, 1.0, 5.0, 101.0, 50.5))

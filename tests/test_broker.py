@@ -288,6 +288,16 @@ def test_status_when_running(local_only: str, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.broker
+def test_local_broker_pid_is_the_running_brokers_and_none_for_another_cluster(local_only: str) -> None:
+    pid = broker.local_broker_pid(broker.local_address())
+    assert pid is not None and "kafka.Kafka" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert broker.local_broker_pid(f"localhost:{broker.broker_port()}") == pid
+    # Another cluster's processes are not this machine's to count.
+    assert broker.local_broker_pid("kafka.example.com:9092") is None
+    assert broker.local_broker_pid(f"127.0.0.1:{broker.broker_port() + 1}") is None
+
+
+@pytest.mark.broker
 def test_start_leaves_a_foreign_broker_on_the_port_alone(
     local_only: str,
     tmp_path: Path,

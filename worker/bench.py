@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+from worker.broker import local_broker_pid
 from worker.config import REPO_ROOT, Settings
 from worker.metrics import AGENT_PHASE, C_HEAP, EVENT_AGE, ROCKSDB_MEMORY
 from worker.replay import paced_async
@@ -218,15 +219,21 @@ MEMORY_PARTS = {
 _BUSY_COLUMNS = (0, 1, 2, 5, 6)
 
 
-def _counters(urls: list[str]) -> dict[str, float]:
-    """The workers' cumulative counters that `_phase_figures` turns into a phase's figures, summed."""
+def _counters(urls: list[str], pids: dict[str, int | None] | None = None) -> dict[str, float]:
+    """The workers' cumulative counters that `_phase_figures` turns into a phase's figures, summed,
+    with the CPU seconds of this benchmark's own process and of each process in `pids` (name: pid;
+    "broker", "echo"), as "cpu:NAME"."""
     names = ("ksr_recommendations_total", "process_cpu_seconds_total", "ksr_batch_size_sum",
              "ksr_batch_size_count", *AGENT_PHASES.values())
-    totals: dict[str, float] = {"monotonic": time.monotonic()}
+    totals: dict[str, float] = {"monotonic": time.monotonic(), "cpu:benchmark": time.process_time()}
     for name, columns in (("machine_busy", _BUSY_COLUMNS), ("machine_iowait", (4,)), ("machine_steal", (7,))):
         seconds = _proc_stat_seconds(columns)
         if seconds is not None:
             totals[name] = seconds
+    for name, pid in (pids or {}).items():
+        seconds = _process_cpu_seconds(pid)
+        if seconds is not None:
+            totals[f"cpu:{name}"] = seconds
     for url in urls:
         for name, value in scrape_samples(url, names).items():
             totals[name] = totals.get(name, 0.0) + value
@@ -257,6 +264,11 @@ def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
                "machine_cores_stolen": cores("machine_steal"),
                "mean_batch": round(delta("ksr_batch_size_sum") / batches, 1) if batches else None,
                "cpu_ms_per_event": round(cpu * 1000 / answers, 4) if cpu is not None and answers else None}
+    # Cores each process used over the phase: the workers (their metrics pages), this benchmark (its
+    # producer and read_committed reader), the broker when it is this machine's, the raw pipe's echo.
+    processes = {"workers": cores("process_cpu_seconds_total"),
+                 **{name.split(":", 1)[1]: cores(name) for name in after if name.startswith("cpu:")}}
+    figures["cores_by_process"] = {name: value for name, value in processes.items() if value is not None}
     phases = {phase: delta(name) for phase, name in AGENT_PHASES.items()}
     figures["agent_ms_per_event"] = {
         phase: round(seconds * 1000 / answers, 4) for phase, seconds in phases.items()
@@ -268,6 +280,18 @@ def _phase_figures(before: dict[str, float], after: dict[str, float]) -> dict:
 def _machine_busy_seconds() -> float | None:
     """CPU seconds this machine's cores have spent busy since boot, or None where /proc does not tell."""
     return _proc_stat_seconds(_BUSY_COLUMNS)
+
+
+def _process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds (user and system, all threads) process `pid` has used, or None where /proc does
+    not tell."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _proc_stat_seconds(columns: tuple[int, ...]) -> float | None:
@@ -639,12 +663,13 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         commits_before = _histograms(urls, "ksr_commit_seconds")
         full_gc_before = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
         ages_before = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
-        counters_before = _counters(urls)
+        counted = {"broker": local_broker_pid(base.bootstrap_servers)}
+        counters_before = _counters(urls, counted)
         trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, processes))
         commits_after = _histograms(urls, "ksr_commit_seconds")
         full_gc_after = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
         ages_after = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
-        latency_phase = _phase_figures(counters_before, _counters(urls))
+        latency_phase = _phase_figures(counters_before, _counters(urls, counted))
     finally:
         for process in processes:
             _stop(process, 60)
@@ -657,7 +682,7 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
     _log("(a) raw aiokafka pipe: draining the same backlog")
     raw_eps, raw_cpu_ms = _raw_pipes(base, names["raw-in"], names["raw-out"], events, reply, timeout, workers)
     _log(f"(a) raw pipe: latency at {rate:.0f} events/s")
-    raw_trace = _raw_latency(base, names, paced, rate, len(reply), timeout)
+    raw_trace, raw_latency_phase = _raw_latency(base, names, paced, rate, len(reply), timeout)
 
     return {
         "workers": workers,
@@ -701,6 +726,8 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         "commits": _bucket_count(commits_before, commits_after),
         # The workers' batches, CPU and agent phases over that phase (per answer), as the drain's above.
         "latency_phase": latency_phase,
+        # The raw pipe's latency phase at the same rate: the machine's busy cores and each process's.
+        "raw_pipe_latency_phase": raw_latency_phase,
         # The worker's full garbage collections during the latency phase: each stops its event loop.
         "full_gc_collections": _bucket_count(full_gc_before, full_gc_after),
         "full_gc_pause_max_ms_bound": _ms(_bucket_quantile(full_gc_before, full_gc_after, 1.0)),
@@ -791,14 +818,21 @@ async def _paced_trace(settings: Settings, source: str, sink: str, paced: list, 
     return [(sent_at[event_id], emitted, arrived, acked_at[event_id]) for event_id, emitted, arrived in answered]
 
 
-def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size: int, timeout: float):
-    """The latency phase through `_echo` in its own process (as the worker is)."""
+def _raw_latency(settings: Settings, names: dict, paced: list, rate: float, size: int,
+                 timeout: float) -> tuple[list, dict]:
+    """The latency phase through `_echo` in its own process (as the worker is): its trace, and the
+    machine's and each process's cores over it (`_phase_figures`: the echo, the broker, this benchmark)."""
     echo = subprocess.Popen([sys.executable, "-m", "worker.bench", "echo", names["echo-in"], names["echo-out"],
                              str(size)], cwd=REPO_ROOT, stdout=subprocess.PIPE, start_new_session=True)
     try:
         if echo.stdout.readline().strip() != b"ready":
             raise RuntimeError("the raw pipe's echo did not start")
-        return asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, [echo]))
+        counted = {"broker": local_broker_pid(settings.bootstrap_servers), "echo": echo.pid}
+        before = _counters([], counted)
+        trace = asyncio.run(_paced_trace(settings, names["echo-in"], names["echo-out"], paced, rate, timeout, [echo]))
+        figures = _phase_figures(before, _counters([], counted))
+        return trace, {name: figures[name] for name in ("seconds", "machine_cores_busy", "machine_cores_iowait",
+                                                         "machine_cores_stolen", "cores_by_process")}
     finally:
         _stop(echo, 30)
 

@@ -425,6 +425,14 @@ def _broker_pid() -> int | None:
     return None
 
 
+def local_broker_pid(bootstrap: str) -> int | None:
+    """Pid of the local broker when `bootstrap` is its address and it is alive, else None (another
+    cluster: its processes are not this machine's to count)."""
+    if bootstrap.strip() not in (local_address(), f"localhost:{broker_port()}"):
+        return None
+    return _broker_pid()
+
+
 def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
