@@ -127,6 +127,15 @@ def test_bench_throughput_prints_its_figures(bootstrap, small_checkpoint) -> Non
     assert phase["seconds"] > 0 and phase["cpu_ms_per_event"] > 0 and phase["agent_ms_per_event"]["process"] > 0
     assert all(phase[name] is not None and phase[name] >= 0
                for name in ("machine_cores_busy", "machine_cores_iowait", "machine_cores_stolen")), phase
+    # What each side's drain cost the broker (None when the backlog drained between two samples).
+    broker_cpu = figures["broker_cpu_ms_per_event"]
+    assert broker_cpu is None or broker_cpu > 0, broker_cpu
+    assert figures["raw_pipe_broker_cpu_ms_per_event"] is None if local_broker_pid(bootstrap) is None \
+        else figures["raw_pipe_broker_cpu_ms_per_event"] > 0
+    # One worker: the drain's figures count from its first answer, so from nearly all of the backlog
+    # when they were measured at all (a backlog this small can drain between two samples).
+    share = figures["all_workers_answering_share"]
+    assert 0 <= share <= 1 and (figures["worker_cpu_ms_per_event"] is None or share > 0.5), figures
     # Each process's cores over the phase; the broker's where it is this machine's.
     local = local_broker_pid(bootstrap) is not None
     assert set(phase["cores_by_process"]) == {"workers", "benchmark"} | ({"broker"} if local else set()), phase
@@ -157,6 +166,9 @@ def test_bench_throughput_runs_several_workers_beside_as_many_raw_pipe_processes
     # Every event answered once, by one worker or the other (which shares depends on when the
     # second joins the group); the counts come from each worker's own metrics page.
     assert len(figures["worker_answers_each"]) == 2 and sum(figures["worker_answers_each"]) == 3000
+    # The drain's figures come from the stretch in which both answered (none if one drained it all).
+    share = figures["all_workers_answering_share"]
+    assert 0 <= share <= 1 and (share > 0 or 0 in figures["worker_answers_each"]), figures
     assert figures["raw_pipe_eps"] > 0 and figures["worker_eps"] > 0 and figures["raw_pipe_cpu_ms_per_event"] > 0
     assert figures["latency_events"] == 400 and 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert figures["state_bytes_per_user"] > 100
@@ -256,6 +268,7 @@ def test_profile_summary_groups_own_time_by_component(tmp_path) -> None:
 
 def test_machine_and_loop_figures_are_rates_over_the_middle_of_the_backlog() -> None:
     from worker.bench import (
+        _broker_cpu_per_event,
         _emit_eps,
         _loop_thread_busy,
         _machine_busy_seconds,
@@ -271,9 +284,38 @@ def test_machine_and_loop_figures_are_rates_over_the_middle_of_the_backlog() -> 
     assert _loop_thread_busy(samples, 1000, workers=2) == 0.8
     assert _emit_eps(samples, 1000) == 600.0  # (800 - 200) answers in 1 s
     assert _machine_cores_busy(samples[:2], 1000) is None
+    # The broker's CPU per answer over the same stretch: 0.03 s for the 600 answers in the middle.
+    brokered = [(*sample[:7], {"cpu:broker": cpu}, sample[8]) for sample, cpu in zip(samples, (5.0, 5.01, 5.04, 5.2))]
+    assert _broker_cpu_per_event(brokered, 1000) == 0.05
+    assert _broker_cpu_per_event(samples, 1000) is None  # no broker of this machine's
     first = _machine_busy_seconds()
     sum(i * i for i in range(2_000_000))  # keep a core busy for a moment
     assert first is not None and _machine_busy_seconds() > first
+
+
+def test_the_drain_is_measured_from_the_first_sample_in_which_every_worker_answered() -> None:
+    from worker.bench import _all_answering, _cpu_per_event, _saturated_rate
+
+    def sample(each: list[float], cpu: float, wall: float) -> tuple:
+        return (sum(each), 1, cpu, 0.0, wall, 0, 0, {"answered_each": each, "wall": wall}, 0.0)
+
+    # The first worker drains alone (9,000 answers on 1 s of CPU) until the second answers; then both
+    # answer 1,500 more at 0.2 ms of CPU per answer.
+    samples = [sample([0, 0], 0.0, 100.0), sample([4000, 0], 0.5, 101.0), sample([9000, 0], 1.0, 102.0),
+               sample([9300, 200], 1.1, 103.0), sample([9500, 400], 1.18, 103.1),
+               sample([9700, 600], 1.26, 103.2), sample([9800, 1200], 1.4, 103.3)]
+    measured, since, counted_from, together = _all_answering(samples)
+    assert together and since == 103.0 and counted_from == 9500 and [s[0] for s in measured] == [0, 400, 800, 1500]
+    assert _cpu_per_event(measured, 11000 - 9500) == pytest.approx(0.2)
+    assert _cpu_per_event(samples, 11000) < 0.15  # over the whole drain: mostly the lone stretch's 0.11
+    # Answer stamps: 9,000 before `since` at 9,000/s, then 2,000 at 10,000/s: the rate is the latter's.
+    stamps = [101.0 + i / 9000 for i in range(9000)] + [103.0 + i / 10000 for i in range(2000)]
+    assert _saturated_rate(stamps, 103.0) == pytest.approx(10000, rel=0.01)
+    assert _saturated_rate(stamps, 0.0) < 9500  # from the start: mostly the lone worker's rate
+    # A worker that never answered (the other drained everything): every sample, from the start.
+    lone = [sample([0, 0], 0.0, 100.0), sample([3000, 0], 0.5, 101.0)]
+    assert _all_answering(lone) == (lone, 0.0, 0.0, False)
+    assert _saturated_rate(stamps, 200.0) == _saturated_rate(stamps, 0.0)  # none after `since`: all of them
 
 
 def test_mean_batch_is_events_over_batches_in_the_middle_of_the_backlog() -> None:

@@ -305,7 +305,7 @@ def _proc_stat_seconds(columns: tuple[int, ...]) -> float | None:
 
 
 def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout: float,
-           interval: float = 0.25) -> list[tuple]:
+           interval: float = 0.25, broker_pid: int | None = None) -> list[tuple]:
     """Follow the workers through their metrics pages until they have answered `count` events.
 
     Nothing reads their output meanwhile: the raw pipe's output is not read during its run either,
@@ -315,7 +315,8 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
     batches, {agent phase: seconds, "model_steps": sequential model steps, "ranked_again": answers the
     int8 ranking ranked again}, machine busy CPU
     seconds), every worker figure summed over the workers; the dict also holds the memory parts
-    (MEMORY_PARTS) as "memory:PART".
+    (MEMORY_PARTS) as "memory:PART", the CPU seconds of the broker `broker_pid` as "cpu:broker"
+    (None without one), each worker's answers as "answered_each" and the wall clock as "wall".
     """
     names = (*_WATCHED, *AGENT_PHASES.values(), *MEMORY_PARTS.values())
     samples: list[tuple] = []
@@ -341,6 +342,9 @@ def _watch(workers: list[subprocess.Popen], urls: list[str], count: int, timeout
                             {**{phase: total(name) for phase, name in AGENT_PHASES.items()},
                              "model_steps": total("ksr_model_steps_total"),
                              "ranked_again": total("ksr_ranked_again_total"),
+                             "cpu:broker": _process_cpu_seconds(broker_pid),
+                             "answered_each": [page.get("ksr_recommendations_total") or 0.0 for page in pages],
+                             "wall": time.time(),
                              **{f"memory:{part}": total(name) for part, name in MEMORY_PARTS.items()}},
                             _machine_busy_seconds()))
             if answered >= count:
@@ -425,6 +429,37 @@ def _loop_thread_cpu(supervisor_pid: int) -> float | None:
         return None
 
 
+def _all_answering(samples: list[tuple]) -> tuple[list[tuple], float, float, bool]:
+    """The samples from the first one in which every worker had answered, their answers counted
+    from there; that sample's wall clock; the answers before it; and whether there was such a
+    sample (if not, all the samples, counted from 0 and from any time, and False).
+
+    Several workers do not start together: the first to join the consumer group is given every
+    partition at once (on a broker whose `group.initial.rebalance.delay.ms` is 0, as this project's
+    is) and drains alone until the next one has joined, the group has rebalanced and the newcomer
+    has restored its partitions' states. That takes seconds, in which a 60,000-event backlog is
+    mostly gone, and rates over it would be one worker's. With one worker this is its first answer."""
+    start = next((i for i, sample in enumerate(samples)
+                  if sample[7].get("answered_each") and all(n > 0 for n in sample[7]["answered_each"])), None)
+    if start is None:
+        return samples, 0.0, 0.0, False
+    base = samples[start][0]
+    return ([(sample[0] - base, *sample[1:]) for sample in samples[start:]], samples[start][7]["wall"], base,
+            True)
+
+
+def _saturated_rate(stamps: list[float], since: float) -> float:
+    """Answers per second over the middle 80% of the answers whose records were stamped from
+    `since` on (seconds), so the start-up, the stretch before every worker answered and the tail do
+    not count; over all of them when fewer than two were stamped after `since`."""
+    stamps = sorted(stamps)
+    after = [stamp for stamp in stamps if stamp >= since]
+    if len(after) >= 2:
+        stamps = after
+    low, high = int(0.1 * len(stamps)), int(0.9 * len(stamps)) - 1
+    return (high - low) / max(stamps[high] - stamps[low], 1e-9)
+
+
 def _middle(samples: list[tuple], count: int) -> list[tuple]:
     """The samples taken over the middle 80% of the backlog (start-up and tail left out)."""
     return [sample for sample in samples if 0.1 * count <= sample[0] <= 0.9 * count]
@@ -469,6 +504,13 @@ def _machine_cores_busy(samples: list[tuple], count: int) -> float | None:
     """How many of the machine's cores were busy, on average, over the middle 80% of the backlog."""
     cores = _middle_rate([(sample[0], sample[8], sample[4]) for sample in samples], count, 1, 2)
     return None if cores is None else round(cores, 2)
+
+
+def _broker_cpu_per_event(samples: list[tuple], count: int) -> float | None:
+    """The broker's CPU milliseconds per answer over the middle 80% of the backlog (None when the
+    broker is not this machine's)."""
+    seconds = _middle_rate([(sample[0], sample[7].get("cpu:broker")) for sample in samples], count, 1, 0)
+    return None if seconds is None else round(seconds * 1000, 4)
 
 
 def _mean_batch(samples: list[tuple], count: int) -> float | None:
@@ -647,14 +689,13 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
                 processes.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=REPO_ROOT,
                                                   env={**env, **own}, stdout=log, stderr=log,
                                                   start_new_session=True))
-        samples = _watch(processes, urls, events, timeout)
+        broker_pid = local_broker_pid(base.bootstrap_servers)
+        samples = _watch(processes, urls, events, timeout, broker_pid=broker_pid)
         answers_each = [int(scrape_sample(url, "ksr_recommendations_total") or 0) for url in urls]
         stamps, reply = _drain(base, names["out"], events, timeout)
-        # Saturation rate over the middle 80% of the outputs (by their produce timestamps), so the
-        # start-up rebalance and the tail do not count.
-        stamps.sort()
-        low, high = int(0.1 * len(stamps)), int(0.9 * len(stamps)) - 1
-        worker_eps = (high - low) / max(stamps[high] - stamps[low], 1e-9)
+        # The drain's figures count from the moment every worker answers (`_all_answering`).
+        measured, since, counted_from, together = _all_answering(samples)
+        worker_eps = _saturated_rate(stamps, since)
 
         rate = latency_rate or worker_eps / 2
         _log(f"(b) worker: {worker_eps:.0f} events/s; latency phase at {rate:.0f} events/s")
@@ -663,7 +704,7 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         commits_before = _histograms(urls, "ksr_commit_seconds")
         full_gc_before = _histograms(urls, "ksr_gc_pause_seconds", 'generation="2"')
         ages_before = {stage: _histograms(urls, "ksr_event_age_seconds", f'stage="{stage}"') for stage in EVENT_AGE}
-        counted = {"broker": local_broker_pid(base.bootstrap_servers)}
+        counted = {"broker": broker_pid}
         counters_before = _counters(urls, counted)
         trace = asyncio.run(_paced_trace(base, names["in"], names["out"], paced, rate, timeout, processes))
         commits_after = _histograms(urls, "ksr_commit_seconds")
@@ -680,7 +721,9 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         shutil.rmtree(state_dir, ignore_errors=True)  # the workers' RocksDB files and logs
 
     _log("(a) raw aiokafka pipe: draining the same backlog")
+    broker_before = _process_cpu_seconds(broker_pid)
     raw_eps, raw_cpu_ms = _raw_pipes(base, names["raw-in"], names["raw-out"], events, reply, timeout, workers)
+    broker_after = _process_cpu_seconds(broker_pid)
     _log(f"(a) raw pipe: latency at {rate:.0f} events/s")
     raw_trace, raw_latency_phase = _raw_latency(base, names, paced, rate, len(reply), timeout)
 
@@ -691,20 +734,31 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         "ratio": round(worker_eps / raw_eps, 3),
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
-        "worker_cpu_ms_per_event": _cpu_per_event(samples, events),
+        "worker_cpu_ms_per_event": _cpu_per_event(measured, events - counted_from),
+        # The broker's CPU per event (when it is this machine's) while the workers drained (the
+        # same middle stretch) and while the raw pipe did (its whole drain, start-up included): what
+        # each side's traffic costs the broker, which shares the machine's cores with them.
+        "broker_cpu_ms_per_event": _broker_cpu_per_event(measured, events - counted_from),
+        "raw_pipe_broker_cpu_ms_per_event": (round((broker_after - broker_before) * 1000 / events, 4)
+                                             if broker_before is not None and broker_after is not None
+                                             else None),
         # The same middle of the backlog by the workers' own count of answers emitted (metrics
         # page, wall clock): a check on worker_eps, which dates the answers by their records.
-        "worker_emit_eps": _emit_eps(samples, events),
-        "worker_loop_thread_busy": _loop_thread_busy(samples, events, workers),
+        "worker_emit_eps": _emit_eps(measured, events - counted_from),
+        "worker_loop_thread_busy": _loop_thread_busy(measured, events - counted_from, workers),
         # Over the same stretch, how many of the machine's cores were busy (all processes: the
         # workers, the broker, this benchmark): near the core count, the machine is the bound.
-        "machine_cores_busy": _machine_cores_busy(samples, events),
+        "machine_cores_busy": _machine_cores_busy(measured, events - counted_from),
         # How many of the backlog's events each worker answered (a consumer group shares them out).
         "worker_answers_each": answers_each,
-        "worker_mean_batch": _mean_batch(samples, events),
-        "worker_model_steps_per_event": _model_steps_per_event(samples, events),
+        # The share of the backlog answered while every worker was answering: the stretch the
+        # drain's figures above come from (`_all_answering`). When it is small they say little: a
+        # larger --events gives the workers a longer stretch together.
+        "all_workers_answering_share": round((events - counted_from) / events, 3) if together else 0.0,
+        "worker_mean_batch": _mean_batch(measured, events - counted_from),
+        "worker_model_steps_per_event": _model_steps_per_event(measured, events - counted_from),
         # The agent's wall time per event by phase over the same stretch (ksr_agent_seconds).
-        "worker_agent_ms_per_event": _agent_ms_per_event(samples, events),
+        "worker_agent_ms_per_event": _agent_ms_per_event(measured, events - counted_from),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
         # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
         # the delivery to the reader. raw_pipe_*: the same events at the same rate through an
