@@ -264,6 +264,8 @@ def answers_of_a_fresh_worker(env: dict, log: Path, bootstrap: str, count: int, 
     finally:
         worker.stop()
     assert "Traceback" not in worker.log()
+    # A first start has no crashed run's state to discard (the crash scenario checks that one does).
+    assert "did not stop cleanly" not in worker.log()
     assert sorted(m["event_id"] for m in answers) == sorted(f"ml-100k:{i}" for i in range(count))
     return answers
 

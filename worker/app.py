@@ -1105,8 +1105,10 @@ def run_worker(checkpoint: str | None = None, loglevel: str = "info") -> int:
         f"http://{settings.metrics_host}:{settings.metrics_port}/metrics",
         file=sys.stderr,
     )
-    worker = Worker(settings, recommender, partitions)
+    # Before the app is made: making it creates the tables' folders, which would then read as a
+    # crashed run's on every first start.
     discard_state_after_crash(settings)
+    worker = Worker(settings, recommender, partitions)
     quiet_repeated_kafka_errors()
     runner = faust.Worker(worker.app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it turns on every record; every
