@@ -285,10 +285,14 @@ def _machine_busy_seconds() -> float | None:
 def _process_cpu_seconds(pid: int | None) -> float | None:
     """CPU seconds (user and system, all threads) process `pid` has used, or None where /proc does
     not tell."""
-    if pid is None:
-        return None
+    return None if pid is None else _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_cpu_seconds(stat: Path) -> float | None:
+    """utime + stime of a /proc `stat` file (a process's or a thread's), in seconds, or None where
+    it cannot be read."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        fields = stat.read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
@@ -423,10 +427,9 @@ def _loop_thread_cpu(supervisor_pid: int) -> float | None:
     first child of `ksr worker`'s supervisor; None where /proc does not tell."""
     try:
         child = int(Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()[0])
-        fields = Path(f"/proc/{child}/task/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     except (OSError, IndexError, ValueError):
         return None
+    return _stat_cpu_seconds(Path(f"/proc/{child}/task/{child}/stat"))
 
 
 def _all_answering(samples: list[tuple]) -> tuple[list[tuple], float, float, bool]:
