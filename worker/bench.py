@@ -698,6 +698,7 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         stamps, reply = _drain(base, names["out"], events, timeout)
         # The drain's figures count from the moment every worker answers (`_all_answering`).
         measured, since, counted_from, together = _all_answering(samples)
+        measured_events = events - counted_from  # what `measured` counts its middle 80% of
         worker_eps = _saturated_rate(stamps, since)
 
         rate = latency_rate or worker_eps / 2
@@ -737,31 +738,31 @@ def _bench_throughput(base: Settings, dataset, names: dict, app_id: str, checkpo
         "ratio": round(worker_eps / raw_eps, 3),
         # CPU per event, all threads of each process: less disturbed by a busy machine than rates.
         "raw_pipe_cpu_ms_per_event": round(raw_cpu_ms, 4),
-        "worker_cpu_ms_per_event": _cpu_per_event(measured, events - counted_from),
+        "worker_cpu_ms_per_event": _cpu_per_event(measured, measured_events),
         # The broker's CPU per event (when it is this machine's) while the workers drained (the
         # same middle stretch) and while the raw pipe did (its whole drain, start-up included): what
         # each side's traffic costs the broker, which shares the machine's cores with them.
-        "broker_cpu_ms_per_event": _broker_cpu_per_event(measured, events - counted_from),
+        "broker_cpu_ms_per_event": _broker_cpu_per_event(measured, measured_events),
         "raw_pipe_broker_cpu_ms_per_event": (round((broker_after - broker_before) * 1000 / events, 4)
                                              if broker_before is not None and broker_after is not None
                                              else None),
         # The same middle of the backlog by the workers' own count of answers emitted (metrics
         # page, wall clock): a check on worker_eps, which dates the answers by their records.
-        "worker_emit_eps": _emit_eps(measured, events - counted_from),
-        "worker_loop_thread_busy": _loop_thread_busy(measured, events - counted_from, workers),
+        "worker_emit_eps": _emit_eps(measured, measured_events),
+        "worker_loop_thread_busy": _loop_thread_busy(measured, measured_events, workers),
         # Over the same stretch, how many of the machine's cores were busy (all processes: the
         # workers, the broker, this benchmark): near the core count, the machine is the bound.
-        "machine_cores_busy": _machine_cores_busy(measured, events - counted_from),
+        "machine_cores_busy": _machine_cores_busy(measured, measured_events),
         # How many of the backlog's events each worker answered (a consumer group shares them out).
         "worker_answers_each": answers_each,
         # The share of the backlog answered while every worker was answering: the stretch the
         # drain's figures above come from (`_all_answering`). When it is small they say little: a
         # larger --events gives the workers a longer stretch together.
-        "all_workers_answering_share": round((events - counted_from) / events, 3) if together else 0.0,
-        "worker_mean_batch": _mean_batch(measured, events - counted_from),
-        "worker_model_steps_per_event": _model_steps_per_event(measured, events - counted_from),
+        "all_workers_answering_share": round(measured_events / events, 3) if together else 0.0,
+        "worker_mean_batch": _mean_batch(measured, measured_events),
+        "worker_model_steps_per_event": _model_steps_per_event(measured, measured_events),
         # The agent's wall time per event by phase over the same stretch (ksr_agent_seconds).
-        "worker_agent_ms_per_event": _agent_ms_per_event(measured, events - counted_from),
+        "worker_agent_ms_per_event": _agent_ms_per_event(measured, measured_events),
         # Event sent -> recommendation fetched by a read_committed consumer, and of that, sent ->
         # emitted by the worker (its `emitted_ts`, before any commit): the rest is the commit and
         # the delivery to the reader. raw_pipe_*: the same events at the same rate through an
